@@ -1,0 +1,117 @@
+"""gradwatch: find vanishing and exploding gradients in PyTorch and Keras models, and say how to fix them.
+
+Example:
+    >>> import torch, gradwatch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    >>> gw = gradwatch.attach(model, opt, reporters=[])
+    >>> for _ in range(5):
+    ...     opt.zero_grad(); model(torch.randn(32, 8)).pow(2).mean().backward(); opt.step()
+    >>> gw.detach()
+    >>> gw.report().healthy
+    True
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gradwatch._watcher import Watcher, WatchOptions
+from gradwatch.core.detector import Thresholds
+from gradwatch.core.report import Finding, LayerSummary, ParamSummary, Recommendation, Report
+from gradwatch.core.structure import LayerInfo, Structure
+from gradwatch.errors import AttachError, GradwatchError, LogError, MonitoringError, WatcherStateError
+from gradwatch.reporters.base import Reporter
+
+if TYPE_CHECKING:
+    from gradwatch.integrations.keras import KerasCallback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachError",
+    "Finding",
+    "GradwatchError",
+    "KerasCallback",
+    "LayerInfo",
+    "LayerSummary",
+    "LogError",
+    "MonitoringError",
+    "ParamSummary",
+    "Recommendation",
+    "Report",
+    "Reporter",
+    "Structure",
+    "Thresholds",
+    "WatchOptions",
+    "Watcher",
+    "WatcherStateError",
+    "__version__",
+    "attach",
+    "load",
+]
+
+
+def attach(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
+    """Watch a model's gradients. Returns a :class:`Watcher`; use it as a context manager to detach on exit.
+
+    A plain training loop needs no other call: hooks count the steps and collect the statistics.
+
+    Args:
+        model: A ``torch.nn.Module`` (also ``torch.compile``d) or a ``keras.Model``.
+        optimizer: PyTorch: the optimizer that trains ``model``, so gradwatch judges the gradients it really
+            applies (after accumulation) and measures update ratios. Keras: unused (the model's own
+            optimizer is watched). Defaults to ``None``.
+        **options: ``scaler`` (PyTorch: a ``torch.amp.GradScaler``, so gradients are judged unscaled) and the
+            options of :class:`WatchOptions`: ``reporters``, ``every``, ``flush_every``, ``update_every``,
+            ``activation_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``.
+
+    Raises:
+        TypeError: ``model`` is neither, an option is unknown, or an option has the wrong type.
+        ValueError: An option's value is out of range, or the optimizer does not hold the model's parameters.
+        AttachError: gradwatch is already attached to this model (call ``detach()`` first).
+
+    Example:
+        >>> import torch, gradwatch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> gradwatch.attach(model, every=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: every must be an int >= 1, received every=0
+    """
+    from gradwatch.adapters import framework_of
+
+    kind = framework_of(model)
+    if kind == "torch":
+        scaler = options.pop("scaler", None)
+        opts = WatchOptions.parse(options, extra=("scaler",))
+
+        def make(sink):
+            from gradwatch.adapters.torch import TorchAdapter
+
+            return TorchAdapter(sink, model, optimizer, scaler=scaler, every=opts.every,
+                                update_every=opts.update_every, activation_every=opts.activation_every)
+
+        return Watcher(model, make, opts)
+    from gradwatch.integrations.keras import attach_keras
+
+    return attach_keras(model, optimizer, **options)
+
+
+def load(log_dir: Any) -> Report:
+    """Read a run log written with ``attach(..., log_dir=...)`` back into a :class:`Report`.
+
+    Raises:
+        LogError: The directory holds no gradwatch log, or the log is damaged beyond its last good record.
+    """
+    from gradwatch.core.runlog import load_report
+
+    return load_report(log_dir)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KerasCallback":
+        from gradwatch.integrations.keras import KerasCallback
+
+        return KerasCallback
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

@@ -1,0 +1,85 @@
+"""What every framework adapter provides to the watcher.
+
+An adapter turns framework tensors into :class:`~gradwatch.core.stats.StepBatch` records and a neutral
+:class:`~gradwatch.core.structure.Structure`, nothing more: judging and reporting happen in the core.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Protocol
+
+from gradwatch.core.detector import ActivationRows
+from gradwatch.core.stats import ParamTable, StepBatch
+from gradwatch.core.structure import Structure
+
+__all__ = ["Adapter", "Sink"]
+
+
+class Sink(Protocol):
+    """The watcher, as an adapter sees it."""
+
+    def on_step(self, step: int) -> None:
+        """A training step is complete (called once per step, cheaply)."""
+
+    def on_error(self, exc: BaseException, where: str) -> None:
+        """An internal failure inside a hook: warn once and stop, or raise under ``strict``."""
+
+
+class Adapter(ABC):
+    """Collects gradient statistics of one model on its device and hands them over on :meth:`drain`."""
+
+    framework: str = ""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    @property
+    @abstractmethod
+    def model_type(self) -> str:
+        """The model's class name."""
+
+    @property
+    @abstractmethod
+    def table(self) -> ParamTable | None:
+        """The watched parameters, or ``None`` until known (a model whose first forward has not run)."""
+
+    @property
+    @abstractmethod
+    def structure(self) -> Structure | None:
+        """The model's structure, or ``None`` until known."""
+
+    @property
+    @abstractmethod
+    def step(self) -> int:
+        """Training steps seen so far."""
+
+    @abstractmethod
+    def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
+        """Pull everything collected since the last drain to the host (one transfer) and reset."""
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Remove every hook and wrapper. Repeatable."""
+
+    def notes(self) -> tuple[str, ...]:
+        """Caveats for the report: what this adapter could not measure, and why."""
+        return ()
+
+    def guard(self, fn: Callable, where: str) -> Callable:
+        """Wrap a hook so that an internal error goes to the sink instead of the user's training."""
+        sink = self.sink
+
+        def guarded(*args, **kwargs):
+            if not self.active:
+                return None
+            try:
+                fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - fail-open is the point
+                sink.on_error(exc, where)
+            return None
+
+        guarded.__name__ = f"gradwatch_{where}"
+        return guarded
+
+    active: bool = True

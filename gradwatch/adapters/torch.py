@@ -1,0 +1,544 @@
+"""PyTorch adapter: hooks on any ``nn.Module`` (and its optimizer and loss scaler), stats kept on the device.
+
+Where a step comes from:
+
+- with an optimizer: ``Optimizer.register_step_pre_hook`` reads the gradients the optimizer is about to apply
+  (after gradient accumulation and any clipping), ``register_step_post_hook`` measures the update it applied;
+- with a ``torch.amp.GradScaler``: the scaler's ``update()`` (wrapped on the instance while attached, restored
+  on detach) ends each iteration. By then ``scaler.step`` has unscaled the gradients, so they are judged
+  unscaled, and the scaler's own found-inf flags mark the steps it skipped;
+- with neither: a hook on the model's output queues a callback at the end of each backward pass.
+
+The hot path does no per-parameter kernel launches and no host-device sync: ``torch._foreach_norm`` over the
+list of gradients, one ``stack`` per step, stats kept on the model's device and copied to the host once per
+flush.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import unserializable_hook
+
+from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
+from gradwatch.adapters.base import Adapter, Sink
+from gradwatch.core.detector import ActivationRows
+from gradwatch.core.stats import STAT_NAMES, ParamTable, StepBatch
+from gradwatch.core.structure import Structure
+from gradwatch.errors import AttachError
+
+__all__ = ["TorchAdapter"]
+
+# log-odds where sigmoid is within 1% of 0 or 1, and where tanh is within 1% of -1 or 1
+_SIGMOID_SAT = math.log(99.0)
+_TANH_SAT = math.atanh(0.99)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose names the user knows: ``torch.compile`` wraps it as ``_orig_mod``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+class TorchAdapter(Adapter):
+    """Watches one ``nn.Module``.
+
+    Args:
+        sink: The watcher.
+        model: The model, possibly ``torch.compile``d.
+        optimizer: The optimizer that trains it, or ``None``.
+        scaler: A ``torch.amp.GradScaler``, or ``None``.
+        every: Collect gradient statistics every N steps.
+        update_every: Measure the update ratio every N collected steps (needs an optimizer; costs one copy of
+            the parameters on those steps).
+        activation_every: Sample activation statistics every N steps; ``0`` turns sampling off.
+    """
+
+    framework = "torch"
+
+    def __init__(self, sink: Sink, model: nn.Module, optimizer: Any = None, *, scaler: Any = None,
+                 every: int = 1, update_every: int = 10, activation_every: int = 25) -> None:
+        super().__init__(sink)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TorchAdapter needs a torch.nn.Module, received {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer (the one that trains this model) or None, received "
+                f"{type(optimizer).__name__}. Pass it as gradwatch.attach(model, optimizer).")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, received {type(scaler).__name__}")
+        self.model = model
+        self.root = _unwrap(model)
+        self.compiled = self.root is not model
+        self._model_ref = weakref.ref(model)
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.every = every
+        self.update_every = update_every
+        self.activation_every = activation_every
+
+        named = list(self.root.named_parameters(remove_duplicate=False))
+        if not named:
+            raise AttachError(f"{type(self.root).__name__} has no parameters: there are no gradients to watch.")
+        if optimizer is not None:
+            model_ids = {id(p) for _, p in named}
+            opt_ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not model_ids & opt_ids:
+                raise ValueError(
+                    f"The optimizer ({type(optimizer).__name__}, {len(opt_ids)} parameters) holds none of the "
+                    f"{len(model_ids)} parameters of {type(self.root).__name__}. Pass the optimizer built from "
+                    "this model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1).")
+
+        self._handles: list[Any] = []
+        self._restore: list[tuple[Any, str]] = []
+        self._order: list[str] = []
+        self._order_done = False
+        self._table: ParamTable | None = None
+        self._structure: Structure | None = None
+        self._params: list[nn.Parameter] = []
+        self._step = 0
+        self._collected = 0
+        self._rows: list[torch.Tensor] = []
+        self._row_steps: list[int] = []
+        self._row_skipped: list[torch.Tensor] = []
+        self._grad_row: torch.Tensor | None = None
+        self._update_row: torch.Tensor | None = None
+        self._prev: list[torch.Tensor] | None = None
+        self._prev_idx: list[int] | None = None
+        self._bwd_queued = False
+        self._act_rows: list[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = []
+        self._act_handles: list[Any] = []
+        self._act_current: tuple[dict, dict] | None = None
+        self._notes: list[str] = []
+        self._device: torch.device | None = None
+        self._index_cache: dict[bytes, torch.Tensor] = {}
+        self._install()
+
+    # -- properties ----------------------------------------------------------------------------------------
+
+    @property
+    def model_type(self) -> str:
+        return type(self.root).__name__
+
+    @property
+    def table(self) -> ParamTable | None:
+        return self._table
+
+    @property
+    def structure(self) -> Structure | None:
+        return self._structure
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self._notes)
+
+    # -- install / detach ----------------------------------------------------------------------------------
+
+    def _hook(self, fn, where: str):
+        return unserializable_hook(self.guard(fn, where))
+
+    def _install(self) -> None:
+        if not self.compiled:
+            self._record_order()
+        else:
+            self._notes.append("torch.compile'd model: layer order is registration order and activations are "
+                               "not sampled (hooks inside a compiled graph would force recompiles).")
+        if self.scaler is not None:
+            scaler = self.scaler
+            original = type(scaler).update
+            adapter = self
+
+            end_step = self.guard(self._end_scaler_step, "scaler_update")
+
+            def update(new_scale=None):
+                found = None
+                if adapter.active:
+                    try:
+                        found = adapter._found_inf()
+                    except Exception as exc:  # noqa: BLE001 - fail-open
+                        adapter.sink.on_error(exc, "scaler_update")
+                original(scaler, new_scale)
+                end_step(found)
+
+            update.__gradwatch__ = True  # type: ignore[attr-defined]
+            scaler.update = update
+            self._restore.append((scaler, "update"))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._hook(self._pre_step, "step_pre")))
+            self._handles.append(self.optimizer.register_step_post_hook(self._hook(self._post_step, "step_post")))
+        if self.optimizer is None and self.scaler is None:
+            self._handles.append(self.model.register_forward_hook(self._hook(self._arm_backward, "forward")))
+
+    def detach(self) -> None:
+        self.active = False
+        for h in self._handles + self._act_handles + getattr(self, "_order_handles", []):
+            h.remove()
+        self._handles.clear()
+        self._act_handles.clear()
+        for obj, name in self._restore:
+            if getattr(obj.__dict__.get(name), "__gradwatch__", False):
+                del obj.__dict__[name]
+        self._restore.clear()
+        self._prev = None
+
+    # -- layer order and table -----------------------------------------------------------------------------
+
+    def _record_order(self) -> None:
+        """Record the order modules run in during the first forward, then remove the recording hooks."""
+        handles: list[Any] = []
+        seen: set[str] = set()
+
+        def make(name: str):
+            def pre(module, args):
+                if name not in seen:
+                    seen.add(name)
+                    self._order.append(name)
+            return pre
+
+        for name, module in self.root.named_modules():
+            if name and (next(module.parameters(recurse=False), None) is not None or isinstance(
+                    module, ACTIVATION_MODULES) or not any(True for _ in module.children())):
+                handles.append(module.register_forward_pre_hook(self._hook(make(name), "order")))
+
+        def done(module, args, output):
+            self._order_done = True
+            for h in handles:
+                h.remove()
+            handles.clear()
+            finish.remove()
+            self._handles.remove(finish)
+
+        finish = self.root.register_forward_hook(self._hook(done, "order_done"))
+        self._handles.append(finish)
+        self._order_handles = handles  # removed on detach if the first forward never came
+
+    def _build_table(self) -> None:
+        root = self.root
+        owners: dict[int, str] = {}
+        layer_params: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        modules = dict(root.named_modules())
+        for mname, module in modules.items():
+            for pname, p in module.named_parameters(recurse=False):
+                if isinstance(p, nn.parameter.UninitializedParameter):
+                    continue
+                if id(p) in owners:
+                    continue  # tied: counted once, under the first module that owns it
+                owners[id(p)] = mname
+                layer_params.setdefault(mname, []).append((f"{mname}.{pname}" if mname else pname, p))
+        executed = [n for n in self._order if n in layer_params]
+        rest = [n for n in layer_params if n not in set(executed)]
+        order = executed + rest
+        names, types, profile = [], [], []
+        pnames, players, roles, numel, shapes, trainable = [], [], [], [], [], []
+        params: list[nn.Parameter] = []
+        for li, mname in enumerate(order):
+            module = modules[mname]
+            names.append(mname or "(root)")
+            types.append(type(module).__name__)
+            profile.append(classify(module) in ("dense", "conv", "recurrent", "attention"))
+            for qual, p in layer_params[mname]:
+                pnames.append(qual)
+                players.append(li)
+                short = qual.rsplit(".", 1)[-1]
+                roles.append("bias" if "bias" in short else "weight" if "weight" in short or p.dim() >= 2
+                             else short)
+                numel.append(int(p.numel()))
+                shapes.append(tuple(int(s) for s in p.shape))
+                trainable.append(bool(p.requires_grad))
+                params.append(p)
+        self._params = params
+        self._table = ParamTable(layer_names=tuple(names), layer_types=tuple(types), param_names=tuple(pnames),
+                                 param_layer=tuple(players), param_roles=tuple(roles), param_numel=tuple(numel),
+                                 param_shapes=tuple(shapes), param_trainable=tuple(trainable),
+                                 profile=tuple(profile))
+        self._modules_by_layer = [modules[m] for m in order]
+        self._device = params[0].device
+        self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
+        if self._sparse:
+            self._notes.append("Sparse-gradient embeddings are not measured: "
+                               + ", ".join(pnames[i] for i in sorted(self._sparse)) + ".")
+        self._feeders: dict[str, str] = {}
+        try:
+            self._structure, self._feeders = read_structure(self.root, order, self._order)
+        except Exception as exc:  # noqa: BLE001 - structure is advisory; gradients are still judged
+            self._structure = None
+            self._notes.append(f"Model structure could not be read ({type(exc).__name__}: {exc}).")
+        if self._structure is not None:
+            self._notes.extend(self._structure.notes)
+
+    def _ensure_table(self) -> bool:
+        if self._table is None:
+            self._build_table()
+        return self._table is not None
+
+    # -- the hot path --------------------------------------------------------------------------------------
+
+    def _due(self) -> bool:
+        """Whether the step being built now is collected: steps 1, 1 + every, 1 + 2*every, ..."""
+        return self._step % self.every == 0
+
+    def _index(self, missing: list[bool]) -> torch.Tensor:
+        key = bytes(missing)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            idx = torch.tensor([i for i, m in enumerate(missing) if not m], dtype=torch.long, device=self._device)
+            if len(self._index_cache) < 64:
+                self._index_cache[key] = idx
+        return idx
+
+    def _grad_stats(self) -> torch.Tensor:
+        """One ``(3, P)`` device tensor: gradient L2 norm, max |g|, non-finite count; NaN where no gradient."""
+        params = self._params
+        grads = [p.grad for p in params]
+        missing = [g is None or i in self._sparse for i, g in enumerate(grads)] if self._sparse else \
+            [g is None for g in grads]
+        n = len(params)
+        if True in missing:
+            present = [g for g, m in zip(grads, missing) if not m]
+            if not present:
+                return torch.full((3, n), float("nan"), device=self._device)
+        else:
+            present = grads
+        f32 = torch.float32
+        l2 = torch._foreach_norm(present, 2, dtype=f32)
+        mx = torch._foreach_norm(present, math.inf, dtype=f32)
+        # g * 0 is 0 where g is finite and NaN where it is not; the 0-"norm" counts the NaNs.
+        nf = torch._foreach_norm(torch._foreach_mul(present, 0.0), 0, dtype=f32)
+        vals = torch.stack([torch.stack(l2), torch.stack(mx), torch.stack(nf)]).to(self._device)
+        if len(present) == n:
+            return vals
+        row = torch.full((3, n), float("nan"), device=self._device)
+        row[:, self._index(missing)] = vals
+        return row
+
+    def _snapshot_params(self) -> None:
+        params = self._params
+        idx = [i for i, p in enumerate(params) if p.grad is not None and i not in self._sparse]
+        self._prev_idx = idx
+        with torch.no_grad():
+            self._prev = torch._foreach_mul([params[i] for i in idx], 1.0) if idx else None
+
+    def _update_stats(self) -> torch.Tensor | None:
+        if self._prev is None or not self._prev_idx:
+            return None
+        params = self._params
+        now = [params[i] for i in self._prev_idx]
+        with torch.no_grad():
+            diff = torch._foreach_sub(now, self._prev)
+            un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
+            wn = torch.stack(torch._foreach_norm(self._prev, 2, dtype=torch.float32))
+        self._prev = None
+        n = len(params)
+        row = torch.full((2, n), float("nan"), device=self._device)
+        missing = [True] * n
+        for i in self._prev_idx:
+            missing[i] = False
+        row[:, self._index(missing)] = torch.stack([wn, un]).to(self._device)
+        return row
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self._ensure_table() or not self._due():
+            return
+        if self.scaler is None:
+            self._grad_row = self._grad_stats()
+        if self._collected % self.update_every == 0:
+            self._snapshot_params()
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._prev is not None:
+            self._update_row = self._update_stats()
+        if self.scaler is None:
+            self._finish_step(None)
+
+    def _found_inf(self) -> torch.Tensor | None:
+        states = getattr(self.scaler, "_per_optimizer_states", None) or {}
+        flags = [v for st in states.values() for v in st.get("found_inf_per_device", {}).values()]
+        if not flags:
+            return None
+        return torch.stack([f.to(self._device or flags[0].device).reshape(()) for f in flags]).sum() > 0
+
+    def _end_scaler_step(self, found: torch.Tensor | None) -> None:
+        if not self._ensure_table():
+            return
+        if self._due():
+            self._grad_row = self._grad_stats()
+        self._finish_step(found)
+
+    def _arm_backward(self, module, args, output) -> None:
+        if not torch.is_grad_enabled():
+            return
+        for t in torch.utils._pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._hook(self._backward_started, "backward"))
+                return
+
+    def _backward_started(self, grad) -> None:
+        if not self._bwd_queued:
+            self._bwd_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.guard(self._backward_done, "backward_end"))
+
+    def _backward_done(self) -> None:
+        self._bwd_queued = False
+        if not self._ensure_table():
+            return
+        if self._due():
+            self._grad_row = self._grad_stats()
+        self._finish_step(None)
+
+    def _finish_step(self, skipped: torch.Tensor | None) -> None:
+        self._step += 1
+        step = self._step
+        if self._grad_row is not None:
+            n = self._grad_row.shape[1]
+            upd = self._update_row if self._update_row is not None else torch.full(
+                (2, n), float("nan"), device=self._device)
+            self._rows.append(torch.cat([self._grad_row, upd]))
+            self._row_steps.append(step)
+            self._row_skipped.append(skipped if skipped is not None else torch.zeros((), dtype=torch.bool,
+                                                                                   device=self._device))
+            self._collected += 1
+        self._grad_row = None
+        self._update_row = None
+        self._end_activation_sample()
+        if self.activation_every and not self.compiled and step % self.activation_every == 0:
+            self._begin_activation_sample()
+        self.sink.on_step(step)
+
+    # -- activation sampling -------------------------------------------------------------------------------
+
+    def _begin_activation_sample(self) -> None:
+        """Hook the next forward pass: per layer, the output feeding its activation, and RNN inputs."""
+        if self._structure is None or self._act_handles:
+            return
+        sat: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        self._act_current = (sat, grads)
+        modules = dict(self.root.named_modules())
+        for li, info in enumerate(self._structure.layers):
+            feeder = modules.get(self._feeders.get(info.name, info.name))
+            if feeder is None:
+                continue
+            if info.kind == "recurrent" and isinstance(feeder, nn.RNNBase):
+                self._act_handles.append(feeder.register_forward_pre_hook(
+                    self._hook(self._rnn_pre(li, grads, feeder), "rnn_time")))
+            act = info.activation
+            self._act_handles.append(feeder.register_forward_hook(
+                self._hook(self._act_hook(li, act, sat), "activations")))
+
+    def _act_hook(self, li: int, act: str | None, out: dict):
+        def hook(module, args, output):
+            if li in out:
+                return
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+                return
+            with torch.no_grad():
+                x = x.detach().float()
+                nan = torch.tensor(float("nan"), device=x.device)
+                rms = x.pow(2).mean().sqrt()
+                nonfinite = (~torch.isfinite(x)).sum().float()
+                if act == "sigmoid":
+                    sat = (x.abs() > _SIGMOID_SAT).float().mean()
+                elif act == "tanh":
+                    sat = (x.abs() > _TANH_SAT).float().mean()
+                else:
+                    sat = nan
+                if act in ("relu", "relu6") and x.dim() >= 2:
+                    units = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 and not isinstance(
+                        module, (nn.Linear, nn.RNNBase)) else x.reshape(-1, x.shape[-1]).t()
+                    dead = (~(units > 0).any(dim=1)).float().mean()
+                else:
+                    dead = nan
+                out[li] = torch.stack([sat, dead, rms, nonfinite]).to(self._device)
+        return hook
+
+    def _rnn_pre(self, li: int, grads: dict, module: nn.RNNBase):
+        batch_first = bool(getattr(module, "batch_first", False))
+
+        def pre(mod, args):
+            if li in grads or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+                return None
+            if not torch.is_grad_enabled():
+                return None
+            x = args[0]
+            if not x.requires_grad:
+                # A zero that requires grad makes the input a node of the graph without changing its value,
+                # so the gradient with respect to each time step's input can be read.
+                x = x + torch.zeros((), device=x.device, dtype=x.dtype, requires_grad=True)
+
+            def on_grad(g):
+                with torch.no_grad():
+                    per_t = g.detach().float().pow(2).sum(dim=(0, 2) if batch_first else (1, 2)).sqrt()
+                    grads[li] = per_t.to(self._device)
+
+            x.register_hook(self.guard(on_grad, "rnn_grad"))
+            return (x, *args[1:])
+        return pre
+
+    def _end_activation_sample(self) -> None:
+        if not self._act_handles or self._act_current is None:
+            return
+        sat, grads = self._act_current
+        if not sat and not grads:
+            return  # the forward of this step has not run yet (the sample was armed after it)
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles.clear()
+        self._act_rows.append((self._step, dict(sat), dict(grads)))
+        self._act_current = None
+
+    # -- drain ---------------------------------------------------------------------------------------------
+
+    def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
+        batch = None
+        if self._rows:
+            stacked = torch.stack(self._rows).transpose(1, 2)  # (n, P, 5)
+            skipped = torch.stack(self._row_skipped)
+            host = torch.cat([stacked.reshape(-1), skipped.float().reshape(-1)]).cpu().numpy()
+            n, p = stacked.shape[0], stacked.shape[1]
+            values = host[:n * p * len(STAT_NAMES)].reshape(n, p, len(STAT_NAMES)).astype(np.float64)
+            batch = StepBatch(steps=np.asarray(self._row_steps, dtype=np.int64), values=values,
+                              skipped=host[n * p * len(STAT_NAMES):] > 0)
+            self._rows.clear()
+            self._row_steps.clear()
+            self._row_skipped.clear()
+        acts = self._drain_activations()
+        return batch, acts
+
+    def _drain_activations(self) -> ActivationRows | None:
+        if not self._act_rows or self._table is None:
+            return None
+        n_layers = self._table.n_layers
+        rows = self._act_rows
+        self._act_rows = []
+        k = len(rows)
+        arr = np.full((k, 4, n_layers), np.nan)
+        tdec = np.full((k, n_layers), np.nan)
+        for r, (_, sat, grads) in enumerate(rows):
+            if sat:
+                keys = sorted(sat)
+                host = torch.stack([sat[i] for i in keys]).cpu().numpy()
+                arr[r][:, keys] = host.T
+            for li, per_t in grads.items():
+                g = per_t.cpu().numpy().astype(np.float64)
+                if len(g) >= 4:
+                    edge = max(1, len(g) // 10)
+                    last, first = float(np.mean(g[-edge:])), float(np.mean(g[:edge]))
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        tdec[r, li] = math.log10(last / first) if first > 0 and last > 0 else (
+                            math.inf if last > 0 else np.nan)
+        steps = np.asarray([s for s, _, _ in rows], dtype=np.int64)
+        return ActivationRows(steps=steps, saturation=arr[:, 0], dead=arr[:, 1], rms=arr[:, 2],
+                              nonfinite=arr[:, 3], time_decades=tdec)
+
+
+def _sparse_grad_module(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and bool(getattr(module, "sparse", False))

@@ -1,0 +1,1 @@
+"""Framework-neutral core: statistics, structure, detector, recommender, report. Numpy only."""
