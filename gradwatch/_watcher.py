@@ -223,7 +223,12 @@ class Watcher:
                 return
             if self._history is None:
                 self._history = History(table, capacity=self.options.history)
-                self._detector = Detector(table.layer_names, table.profile, self.options.thresholds)
+                structure = self.adapter.structure
+                plain = None
+                if structure is not None and len(structure.layers) == table.n_layers:
+                    plain = tuple((la.recurrent_cell or "").startswith("rnn") for la in structure.layers)
+                self._detector = Detector(table.layer_names, table.profile, self.options.thresholds,
+                                          plain_recurrent=plain)
             new: list[Finding] = []
             rows = None
             if batch is not None and len(batch):

@@ -74,7 +74,7 @@ class Adapter(ABC):
             if not self.active:
                 return None
             try:
-                fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - fail-open is the point
                 sink.on_error(exc, where)
             return None

@@ -176,6 +176,16 @@ class TorchAdapter(Adapter):
             self._handles.append(self.optimizer.register_step_post_hook(self._hook(self._post_step, "step_post")))
         if self.optimizer is None and self.scaler is None:
             self._handles.append(self.model.register_forward_hook(self._hook(self._arm_backward, "forward")))
+        if self.activation_every and not self.compiled:
+            # Recurrent layers are measured from the very first step: an explosion through time can wreck
+            # the weights in one update, before any later sample would see it.
+            grads: dict[Any, torch.Tensor] = {}
+            for name, module in self.root.named_modules():
+                if isinstance(module, nn.RNNBase):
+                    self._act_handles.append(module.register_forward_pre_hook(
+                        self._hook(self._rnn_pre(name, grads, module), "rnn_time")))
+            if self._act_handles:
+                self._act_current = ({}, grads)
 
     def detach(self) -> None:
         self.active = False
@@ -408,7 +418,7 @@ class TorchAdapter(Adapter):
         self._grad_row = None
         self._update_row = None
         self._end_activation_sample()
-        if self.activation_every and not self.compiled and step % self.activation_every == 0:
+        if self.activation_every and not self.compiled and (step == 1 or step % self.activation_every == 0):
             self._begin_activation_sample()
         self.sink.on_step(step)
 
@@ -428,7 +438,7 @@ class TorchAdapter(Adapter):
                 continue
             if info.kind == "recurrent" and isinstance(feeder, nn.RNNBase):
                 self._act_handles.append(feeder.register_forward_pre_hook(
-                    self._hook(self._rnn_pre(li, grads, feeder), "rnn_time")))
+                    self._hook(self._rnn_pre(info.name, grads, feeder), "rnn_time")))
             act = info.activation
             self._act_handles.append(feeder.register_forward_hook(
                 self._hook(self._act_hook(li, act, sat), "activations")))
@@ -460,11 +470,11 @@ class TorchAdapter(Adapter):
                 out[li] = torch.stack([sat, dead, rms, nonfinite]).to(self._device)
         return hook
 
-    def _rnn_pre(self, li: int, grads: dict, module: nn.RNNBase):
+    def _rnn_pre(self, key: str, grads: dict, module: nn.RNNBase):
         batch_first = bool(getattr(module, "batch_first", False))
 
         def pre(mod, args):
-            if li in grads or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            if key in grads or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
                 return None
             if not torch.is_grad_enabled():
                 return None
@@ -477,7 +487,7 @@ class TorchAdapter(Adapter):
             def on_grad(g):
                 with torch.no_grad():
                     per_t = g.detach().float().pow(2).sum(dim=(0, 2) if batch_first else (1, 2)).sqrt()
-                    grads[li] = per_t.to(self._device)
+                    grads[key] = per_t.to(self._device or per_t.device)
 
             x.register_hook(self.guard(on_grad, "rnn_grad"))
             return (x, *args[1:])
@@ -527,7 +537,11 @@ class TorchAdapter(Adapter):
                 keys = sorted(sat)
                 host = torch.stack([sat[i] for i in keys]).cpu().numpy()
                 arr[r][:, keys] = host.T
-            for li, per_t in grads.items():
+            layer_index = {name: i for i, name in enumerate(self._table.layer_names)}
+            for name, per_t in grads.items():
+                li = layer_index.get(name or "(root)")
+                if li is None:
+                    continue
                 g = per_t.cpu().numpy().astype(np.float64)
                 if len(g) >= 4:
                     edge = max(1, len(g) // 10)

@@ -128,6 +128,8 @@ class Detector:
         layer_names: The user's layer names, input to output.
         profile: Per layer, whether it takes part in the depth profile.
         thresholds: Cut-offs. Defaults to :class:`Thresholds`'s defaults.
+        plain_recurrent: Per layer, whether it is a plain (ungated) recurrent layer, for which vanishing through
+            time is judged. Defaults to every layer.
     """
 
     HEALTH = ("vanishing", "exploding", "nonfinite")
@@ -135,9 +137,13 @@ class Detector:
     THROUGH_TIME = ("vanishing_time", "exploding_time")
 
     def __init__(self, layer_names: tuple[str, ...], profile: tuple[bool, ...],
-                 thresholds: Thresholds | None = None) -> None:
+                 thresholds: Thresholds | None = None, *, plain_recurrent: tuple[bool, ...] | None = None) -> None:
         self.names = tuple(layer_names)
         self.profile = np.asarray(profile, dtype=bool)
+        # Vanishing through time is judged for plain RNN cells only: a gated cell's (LSTM/GRU) decay through
+        # time is set by forget gates it learns, not fixed by its structure (Hochreiter & Schmidhuber 1997).
+        self.plain_recurrent = np.asarray(plain_recurrent if plain_recurrent is not None
+                                          else [True] * len(self.names), dtype=bool)
         self.t = thresholds or Thresholds()
         n = len(self.names)
         w = self.t.window
@@ -355,6 +361,9 @@ class Detector:
     # -- non-finite ----------------------------------------------------------------------------------------
 
     def _on_nonfinite(self, step: int, rows: LayerRows, i: int) -> None:
+        if not (rows.nonfinite[i] > 0).any():
+            self._on_overflow(step, rows, i)
+            return
         bad = (rows.nonfinite[i] > 0) | (rows.present[i] & ~np.isfinite(rows.grad_rms[i]))
         bad_idx = np.flatnonzero(bad)
         origin = int(bad_idx[-1])  # backward runs output -> input: the last layer in forward order comes first
@@ -382,6 +391,26 @@ class Detector:
                 ep.layers.setdefault(int(li), step)
         ep.last_step = step
 
+    def _on_overflow(self, step: int, rows: LayerRows, i: int) -> None:
+        """Every value is finite but the gradient norm overflows float32 (|g| beyond ~1e19): exploding, at once."""
+        over = np.flatnonzero(rows.present[i] & ~np.isfinite(rows.grad_norm[i]))
+        ep = self._open.get("exploding")
+        if ep is None:
+            ep = _Episode(kind="exploding", first_step=step, last_step=step, severity="critical",
+                          layers={int(li): step for li in over})
+            self._episodes.append(ep)
+            self._open["exploding"] = ep
+            gmax = {self.names[li]: float(rows.grad_max[i][li]) for li in over}
+            worst = max(gmax, key=lambda k: gmax[k] if np.isfinite(gmax[k]) else math.inf)
+            ep.evidence = {"overflow_step": step, "grad_max": gmax, "worst_layer": worst,
+                           "layer_grad_rms": {self.names[li]: float(rows.grad_rms[i][li]) for li in over}}
+            ep.message = (f"Gradients explode at step {step}: the gradient norm of {len(over)} layer(s) ({_span(list(gmax))}) "
+                          f"overflows float32, with values up to {_fmt(gmax[worst])} in {worst}.")
+        else:
+            for li in over:
+                ep.layers.setdefault(int(li), step)
+        ep.last_step = step
+
     def _judge_skips(self, step: int, rows: LayerRows, i: int) -> None:
         w = self.t.window
         n_skip = sum(self._skips)
@@ -406,6 +435,8 @@ class Detector:
     # -- activations ---------------------------------------------------------------------------------------
 
     def _judge_activations(self, step: int, acts: ActivationRows, i: int) -> None:
+        if np.nansum(acts.nonfinite[i]) > 0:
+            return  # inf/NaN activations say nothing about saturation or dead units; the non-finite finding does
         with _quiet():
             sat = acts.saturation[i] >= self.t.saturation_fraction
             dead = acts.dead[i] >= self.t.dead_fraction
@@ -430,9 +461,20 @@ class Detector:
 
     def _judge_time(self, step: int, dec: np.ndarray) -> None:
         with _quiet():
-            flags = {"vanishing_time": dec >= self.t.time_decades, "exploding_time": dec <= -self.t.time_decades}
+            flags = {"vanishing_time": self.plain_recurrent & (dec >= self.t.time_decades),
+                     "exploding_time": dec <= -self.t.time_decades}
         for kind, f in flags.items():
             self._vote(kind, step, f, {})
+            if kind == "exploding_time" and kind not in self._open:
+                with _quiet():
+                    extreme = dec <= -2 * self.t.time_decades
+                if extreme.any():
+                    # Four orders of magnitude through time is no noisy sample: one update of that size can
+                    # wreck the recurrent weights before the next sample (Pascanu et al. 2013).
+                    layers = np.flatnonzero(extreme)
+                    ep = _Episode(kind=kind, first_step=step, last_step=step, layers={int(li): step for li in layers})
+                    self._episodes.append(ep)
+                    self._open[kind] = ep
             ep = self._open.get(kind)
             if ep is None:
                 continue

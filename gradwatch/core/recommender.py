@@ -118,7 +118,9 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
                        f"({', '.join(la.name for la in rnn_layers)}), where gradients through time can blow up")
     if clip_reason:
         max_norm = _clip_norm(layers)
-        cands.append(_Candidate(97, Recommendation(
+        # An explosion that came first (and saturated the cell into vanishing) is the one to fix first.
+        first = exp_time and (not van_time or exp_time[0].step <= van_time[0].step)
+        cands.append(_Candidate(101 if first else 97, Recommendation(
             fix="gradient_clipping", layers=tuple(la.name for la in rnn_layers),
             reason=clip_reason + f". Clip the global gradient norm near its healthy level (~{max_norm:g}).",
             snippet=s.clip(max_norm), references=REFERENCES["gradient_clipping"],

@@ -222,8 +222,11 @@ class History:
         k = len(steps)
         if k == 0:
             return
-        if self._n + k > self.capacity:
+        while self._n + k > self.capacity:
+            before = self._n
             self._coarsen()
+            if self._n == before:
+                raise RuntimeError(f"History cannot make room for {k} rows at capacity {self.capacity}")
         i = self._n
         with np.errstate(over="ignore"):
             self._values[i:i + k] = batch.values[sl]

@@ -1,0 +1,475 @@
+"""The PyTorch adapter, detector and console on real models trained for real steps."""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+from torch import nn  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch.reporters.console import ConsoleReporter  # noqa: E402
+from tests.fixtures.models import (  # noqa: E402
+    SeqClassifier, SmallResNet, TinyTransformer, images, long_memory, mlp, seed, tabular, tokens, train,
+)
+
+pytestmark = pytest.mark.torch
+
+
+def watch(model, opt=None, steps=80, data=None, loss="mse", **kw):
+    train_kw = {k: kw.pop(k) for k in ("batch", "accumulate", "scaler", "autocast") if k in kw}
+    gw = gradwatch.attach(model, opt, reporters=kw.pop("reporters", []), scaler=train_kw.get("scaler"), **kw)
+    train(model, opt, data or tabular(), steps, loss=loss, **train_kw)
+    gw.detach()
+    return gw.report()
+
+
+def no_hooks(model: nn.Module) -> bool:
+    for m in model.modules():
+        for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks,
+                  m._state_dict_hooks, m._load_state_dict_pre_hooks):
+            if d:
+                return False
+        for p in m.parameters(recurse=False):
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+                return False
+    return True
+
+
+# -- detection -----------------------------------------------------------------------------------------------
+
+def test_deep_sigmoid_mlp_vanishes_in_early_layers():
+    seed(0)
+    model = mlp(10, act=nn.Sigmoid)
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=0.1), steps=60)
+    assert not report.healthy
+    (f,) = report.findings_of("vanishing")
+    assert f.layers[0] == "0" and "20" not in f.layers  # early layers, not the output side
+    assert f.step == 1 and f.active
+    assert f.evidence["decades_from_reference"]["0"] > 5
+    assert report.layer("0").status == "vanishing" and report.layer("20").status == "ok"
+    assert re.search(r"Gradients vanish in \d+ early layers", f.message)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "none"])
+def test_he_relu_mlp_is_healthy(opt):
+    seed(0)
+    model = mlp(10, act=nn.ReLU, init="he")
+    optim = {"sgd": lambda: torch.optim.SGD(model.parameters(), lr=0.01),
+             "adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-3), "none": lambda: None}[opt]()
+    if optim is None:  # no optimizer: steps come from the end of each backward pass
+        gw = gradwatch.attach(model, reporters=[])
+        for step in range(60):
+            model.zero_grad()
+            x, y = tabular()
+            nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+        gw.detach()
+        report = gw.report()
+        assert report.step == 60
+    else:
+        report = watch(model, optim, steps=100)
+    assert report.healthy and report.findings == () and report.recommendations == ()
+    assert all(la.status == "ok" for la in report.layers)
+
+
+def test_small_resnet_with_batchnorm_is_healthy():
+    seed(0)
+    model = SmallResNet()
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), steps=50, data=images(),
+                   loss="ce", batch=32)
+    assert report.healthy, [str(f) for f in report.findings]
+    assert report.structure.has_norm and report.structure.residual_adds >= 3
+
+
+def test_lstm_is_healthy():
+    seed(0)
+    model = SeqClassifier("lstm")
+    report = watch(model, torch.optim.Adam(model.parameters(), lr=3e-3), steps=60, data=long_memory(), loss="ce")
+    assert report.healthy, [str(f) for f in report.findings]
+
+
+def test_pre_ln_transformer_is_healthy():
+    seed(0)
+    model = TinyTransformer()
+    report = watch(model, torch.optim.Adam(model.parameters(), lr=1e-3), steps=60, data=tokens(), loss="ce",
+                   batch=32)
+    assert report.healthy, [str(f) for f in report.findings]
+
+
+def test_huge_learning_rate_is_nonfinite_with_origin_layer():
+    seed(0)
+    model = mlp(6, act=nn.ReLU, init="he")
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=3.0), steps=40)
+    (f,) = report.findings_of("nonfinite")
+    assert f.severity == "critical" and f.step <= 5
+    assert f.evidence["origin_layer"] in f.layers and f.evidence["nonfinite_values"] > 0
+    assert report.layer("0").nonfinite > 0
+
+
+def test_far_too_large_init_explodes():
+    """2.5x the He scale over 10 ReLU layers: gradients of 1e5..1e7 at step 1, overflowing float32 at step 2."""
+    seed(0)
+    model = mlp(10, act=nn.ReLU, init="he", init_gain=2.5)
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=1e-6), steps=40)
+    exploding = report.findings_of("exploding")
+    assert exploding and exploding[0].step <= 3 and exploding[0].severity == "critical"
+    assert "overflows float32" in exploding[0].message
+    assert exploding[0].layers[0] == "0" and len(exploding[0].layers) >= 8
+    assert report.recommendations[0].fix == "he_init"  # the init is 2.5x too large for ReLU
+
+
+def test_converged_model_is_not_vanishing():
+    """Tiny gradients everywhere because the loss is ~0 is convergence, not vanishing."""
+    seed(0)
+    model = mlp(4, act=nn.ReLU, init="he", d_in=5)
+    x = torch.randn(256, 5)
+    with torch.no_grad():
+        y = model(x)  # the model already fits its targets exactly: loss is 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    train(model, opt, (x + 1e-8 * torch.randn_like(x), y), 40)
+    gw.detach()
+    report = gw.report()
+    assert max(la.grad_rms for la in report.layers) < 1e-4
+    assert report.healthy
+
+
+def test_finding_does_not_fire_on_one_noisy_step():
+    seed(0)
+    model = mlp(8, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[])
+
+    def spike(step):
+        if step == 20:  # one step with a huge gradient in the first layer
+            pass
+
+    x, y = tabular()
+    for step in range(60):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
+        if step == 20:
+            model[0].weight.grad.mul_(1e5)
+        opt.step() if step != 20 else None
+        if step == 20:
+            gw.adapter._finish_step(None)  # the step is counted as if the optimizer had run
+    gw.detach()
+    assert gw.report().healthy
+
+
+# -- steps, AMP, accumulation, frozen, tied, compile -----------------------------------------------------------
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    seed(0)
+    model = mlp(3, act=nn.ReLU, init="he")
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=12, accumulate=4)
+    assert report.step == 12 and report.collected_steps == 12
+
+
+def test_every_collects_every_nth_step():
+    seed(0)
+    model = mlp(3, act=nn.ReLU, init="he")
+    report = watch(model, torch.optim.SGD(model.parameters(), lr=0.01), steps=30, every=5)
+    assert report.step == 30 and report.collected_steps == 6
+
+
+def test_grad_scaler_gradients_are_judged_unscaled():
+    seed(0)
+    model = mlp(6, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    report = watch(model, opt, steps=40, scaler=scaler, autocast=True)
+    assert report.healthy, [str(f) for f in report.findings]
+    # Reference: the same model's unscaled gradient RMS without a scaler is of the same order.
+    seed(0)
+    ref_model = mlp(6, act=nn.ReLU, init="he")
+    ref = watch(ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.01), steps=40, autocast=True)
+    for la, lb in zip(report.layers, ref.layers):
+        assert 0.1 < la.grad_rms / lb.grad_rms < 10
+    assert "update" not in type(scaler).__dict__ or scaler.__dict__.get("update") is None
+
+
+def test_grad_scaler_overflow_skips_are_not_exploding():
+    """A scale far too large overflows on the first steps; the scaler backs off and skips them. Not exploding."""
+    seed(0)
+    model = mlp(4, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    report = watch(model, opt, steps=60, scaler=scaler)
+    assert report.skipped_steps >= 1
+    assert report.healthy, [str(f) for f in report.findings]
+    assert any("skipped by the loss scaler" in n for n in report.notes)
+
+
+def test_grad_scaler_persistent_overflow_is_exploding():
+    seed(0)
+    model = mlp(4, act=nn.ReLU, init="he")
+    with torch.no_grad():
+        model[0].weight.mul_(1e30)  # every step overflows: the scaler keeps skipping
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=10 ** 6)
+    report = watch(model, opt, steps=30, scaler=scaler)
+    assert report.skipped_steps >= 25
+    (f,) = report.findings_of("exploding")
+    assert f.evidence["amp_skipped_steps"] >= 8
+
+
+def test_frozen_and_missing_gradients():
+    seed(0)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+            self.unused = nn.Linear(3, 3)  # never called: no gradient, ever
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Net()
+    for p in model.body[0].parameters():
+        p.requires_grad_(False)
+    report = watch(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01), steps=30)
+    assert report.layer("body.0").status == "frozen"
+    assert report.layer("unused").status == "no_grad"
+    assert report.healthy
+
+
+def test_tied_parameters_are_counted_once():
+    seed(0)
+    emb = nn.Embedding(50, 16)
+    head = nn.Linear(16, 50, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.Sequential(emb, nn.Flatten(), nn.Unflatten(1, (8, 16)), head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    x = torch.randint(0, 50, (32, 8))
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).reshape(-1, 50), x.reshape(-1)).backward()
+        opt.step()
+    gw.detach()
+    table = gw.adapter.table
+    assert table.param_names.count("0.weight") == 1 and "3.weight" not in table.param_names
+    assert gw.report().step == 10
+
+
+def test_params_added_to_optimizer_later():
+    seed(0)
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    train(model, opt, tabular(), 5)
+    opt.add_param_group({"params": [p for m in list(model)[1:] for p in m.parameters()]})
+    train(model, opt, tabular(), 5)
+    gw.detach()
+    assert gw.report().step == 10
+
+
+def test_torch_compile_gives_same_findings():
+    seed(0)
+    eager = mlp(10, act=nn.Sigmoid)
+    seed(0)
+    compiled_base = mlp(10, act=nn.Sigmoid)
+    compiled = torch.compile(compiled_base, backend="eager")
+    r1 = watch(eager, torch.optim.SGD(eager.parameters(), lr=0.1), steps=30)
+    r2 = watch(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1), steps=30)
+    assert [(f.kind, f.layers, f.step) for f in r1.findings] == [(f.kind, f.layers, f.step) for f in r2.findings]
+    assert r2.layers[0].name == "0"  # the user's names, without torch.compile's _orig_mod prefix
+
+
+# -- lifecycle -----------------------------------------------------------------------------------------------
+
+def test_detach_leaves_no_hook_and_same_training():
+    seed(0)
+    model = mlp(4, act=nn.Tanh)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_pre, n_post = len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+    with gradwatch.attach(model, opt, reporters=[], activation_every=2) as gw:
+        train(model, opt, tabular(), 7)
+    assert not gw.active and no_hooks(model)
+    assert len(opt._optimizer_step_pre_hooks) == n_pre and len(opt._optimizer_step_post_hooks) == n_post
+    # attach -> detach -> attach works, and training after detach equals training never watched
+    gw2 = gradwatch.attach(model, opt, reporters=[])
+    gw2.detach()
+    model.load_state_dict(state)
+    seed(0)
+    twin = mlp(4, act=nn.Tanh)
+    twin.load_state_dict(state)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(twin.parameters(), lr=0.1)
+    la = train(model, opt_a, tabular(), 5)
+    lb = train(twin, opt_b, tabular(), 5)
+    assert la == lb
+
+
+def test_detach_on_exception_in_with_block():
+    seed(0)
+    model = mlp(2, act=nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(RuntimeError, match="user error"):
+        with gradwatch.attach(model, opt, reporters=[]):
+            train(model, opt, tabular(), 2)
+            raise RuntimeError("user error")
+    assert no_hooks(model)
+    gradwatch.attach(model, opt, reporters=[]).detach()  # no 'already attached'
+
+
+def test_attach_twice_raises_and_points_to_detach():
+    model = mlp(2)
+    gw = gradwatch.attach(model, reporters=[])
+    with pytest.raises(gradwatch.AttachError, match=r"already attached.*detach\(\)"):
+        gradwatch.attach(model, reporters=[])
+    gw.detach()
+    gw.detach()  # repeatable
+
+
+def test_scaler_wrapper_removed_on_detach():
+    model = mlp(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    gw = gradwatch.attach(model, opt, scaler=scaler, reporters=[])
+    assert "update" in scaler.__dict__
+    gw.detach()
+    assert "update" not in scaler.__dict__
+
+
+def test_report_any_time_and_after_detach():
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    assert gw.report().step == 0 and gw.report().layers == ()
+    train(model, opt, tabular(), 7)
+    assert gw.report().step == 7  # flushes what is pending, mid-run
+    gw.detach()
+    d = gw.report().to_dict()
+    import json
+
+    again = gradwatch.Report.from_dict(json.loads(json.dumps(d)))
+    assert again.step == 7 and [la.name for la in again.layers] == ["0", "2", "4", "6"]
+
+
+def test_history_memory_is_bounded():
+    model = mlp(2, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.001)
+    gw = gradwatch.attach(model, opt, reporters=[], history=16, flush_every=7)
+    train(model, opt, tabular(), 400, batch=8)
+    gw.detach()
+    hist = gw.history
+    assert len(hist) <= 16 and hist.total_steps == 400
+    assert hist.spans.sum() == 400 and hist.steps[0] == 1  # older steps merged, none lost
+    assert gw.report().step == 400
+
+
+# -- fail-open and strict ------------------------------------------------------------------------------------
+
+def _break_adapter(gw):
+    def boom():
+        raise RuntimeError("internal bug")
+    gw.adapter._grad_stats = boom
+
+
+def test_internal_error_warns_once_and_training_goes_on():
+    seed(0)
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    _break_adapter(gw)
+    with pytest.warns(RuntimeWarning, match="turned monitoring off.*internal bug") as rec:
+        losses = train(model, opt, tabular(), 10)
+    assert len([w for w in rec if "gradwatch" in str(w.message)]) == 1
+    assert len(losses) == 10 and not gw.active and no_hooks(model)
+    assert gw.report().monitoring.startswith("off")
+    gw.detach()
+
+
+def test_strict_raises():
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gw = gradwatch.attach(model, opt, reporters=[], strict=True)
+    _break_adapter(gw)
+    with pytest.raises(gradwatch.MonitoringError, match="internal bug"):
+        train(model, opt, tabular(), 2)
+    gw.detach()
+
+
+def test_failing_reporter_is_dropped_not_fatal():
+    class Bad(gradwatch.Reporter):
+        def on_flush(self, watcher, rows):
+            raise ValueError("reporter bug")
+
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="dropped reporter Bad"):
+        gw = gradwatch.attach(model, opt, reporters=[Bad()], flush_every=2)
+        train(model, opt, tabular(), 6)
+    gw.detach()
+    assert gw.report().step == 6
+
+
+# -- bad arguments -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda m, o: gradwatch.attach("resnet"), TypeError, r"needs a torch.nn.Module or a keras.Model, received str"),
+    (lambda m, o: gradwatch.attach(m, every=0), ValueError, r"every must be an int >= 1, received every=0"),
+    (lambda m, o: gradwatch.attach(m, every=1.5), TypeError, r"every must be an int >= 1, received every=1.5"),
+    (lambda m, o: gradwatch.attach(m, flush_every=-1), ValueError, r"flush_every must be an int >= 1"),
+    (lambda m, o: gradwatch.attach(m, evry=3), TypeError, r"unknown option\(s\) 'evry'; accepted: reporters, every"),
+    (lambda m, o: gradwatch.attach(m, reporters="console"), TypeError, r"reporters must be a list"),
+    (lambda m, o: gradwatch.attach(m, reporters=["tensorboard"]), ValueError, r"unknown reporter 'tensorboard'"),
+    (lambda m, o: gradwatch.attach(m, strict="yes"), TypeError, r"strict must be True or False"),
+    (lambda m, o: gradwatch.attach(m, "adam"), TypeError, r"optimizer must be a torch.optim.Optimizer"),
+    (lambda m, o: gradwatch.attach(m, o), ValueError, r"holds none of the 4 parameters of Sequential"),
+    (lambda m, o: gradwatch.attach(m, scaler=object()), TypeError, r"scaler must be a torch.amp.GradScaler"),
+    (lambda m, o: gradwatch.attach(nn.ReLU()), gradwatch.AttachError, r"has no parameters"),
+])
+def test_bad_arguments_get_clear_errors(call, exc, pattern):
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    other = torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1)
+    with pytest.raises(exc, match=pattern):
+        call(model, other)
+    assert no_hooks(model)
+
+
+# -- console -------------------------------------------------------------------------------------------------
+
+def test_console_block_once_and_summary_at_detach():
+    seed(0)
+    model = mlp(10, act=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    buf = io.StringIO()
+    gw = gradwatch.attach(model, opt, reporters=[ConsoleReporter(file=buf)], flush_every=10)
+    train(model, opt, tabular(), 50)
+    mid = buf.getvalue()
+    assert mid.count("gradwatch: vanishing gradients at step 1") == 1  # one block, not one per step
+    gw.detach()
+    out = buf.getvalue()
+    assert "problems found: vanishing" in out and "Recommendations" in out and "1. relu" in out
+    assert "\x1b[" not in out  # plain text when not a terminal
+    table = out[out.index("Layers, input"):]
+    assert table.index(" 0 ") < table.index(" 20 ")  # input to output
+    assert str(gw.report()).startswith("gradwatch Sequential — step 50")
+
+
+def test_silent_with_no_reporters(capsys):
+    model = mlp(10, act=nn.Sigmoid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.attach(model, opt, reporters=[]):
+        train(model, opt, tabular(), 30)
+    assert capsys.readouterr().out == ""
+
+
+def test_no_warnings_on_a_healthy_run():
+    model = mlp(3, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradwatch.attach(model, opt, reporters=[]):
+            train(model, opt, tabular(), 30)
