@@ -304,8 +304,13 @@ class TorchAdapter(Adapter):
                 self._index_cache[key] = idx
         return idx
 
-    def _grad_stats(self) -> torch.Tensor:
-        """One ``(3, P)`` device tensor: gradient L2 norm, max |g|, non-finite count; NaN where no gradient."""
+    def _grad_stats(self, detail: bool) -> torch.Tensor:
+        """One ``(3, P)`` device tensor: gradient L2 norm, max |g|, non-finite count; NaN where no gradient.
+
+        The L2 norm (one pass) is taken on every collected step, and an inf/NaN norm already says a gradient is
+        non-finite. Max |g| and the exact count of non-finite values cost two more passes on CPU, so they are
+        taken on ``detail`` steps only (those that measure the update ratio), NaN otherwise.
+        """
         params = self._params
         grads = [p.grad for p in params]
         missing = [g is None or i in self._sparse for i, g in enumerate(grads)] if self._sparse else \
@@ -318,16 +323,23 @@ class TorchAdapter(Adapter):
         else:
             present = grads
         f32 = torch.float32
-        l2 = torch._foreach_norm(present, 2, dtype=f32)
-        mx = torch._foreach_norm(present, math.inf, dtype=f32)
-        # g * 0 is 0 where g is finite and NaN where it is not; the 0-"norm" counts the NaNs.
-        nf = torch._foreach_norm(torch._foreach_mul(present, 0.0), 0, dtype=f32)
-        vals = torch.stack([torch.stack(l2), torch.stack(mx), torch.stack(nf)]).to(self._device)
+        l2 = torch.stack(torch._foreach_norm(present, 2, dtype=f32)).to(self._device)
+        if detail:
+            mx = torch.stack(torch._foreach_norm(present, math.inf, dtype=f32)).to(self._device)
+            # g * 0 is 0 where g is finite and NaN where it is not; the 0-"norm" counts the NaNs.
+            nf = torch.stack(torch._foreach_norm(torch._foreach_mul(present, 0.0), 0, dtype=f32)).to(self._device)
+            vals = torch.stack([l2, mx, nf])
+        else:
+            nan = torch.full_like(l2, float("nan"))
+            vals = torch.stack([l2, nan, nan])
         if len(present) == n:
             return vals
         row = torch.full((3, n), float("nan"), device=self._device)
         row[:, self._index(missing)] = vals
         return row
+
+    def _detail_due(self) -> bool:
+        return self._collected % self.update_every == 0
 
     def _snapshot_params(self) -> None:
         params = self._params
@@ -358,8 +370,8 @@ class TorchAdapter(Adapter):
         if not self._ensure_table() or not self._due():
             return
         if self.scaler is None:
-            self._grad_row = self._grad_stats()
-        if self._collected % self.update_every == 0:
+            self._grad_row = self._grad_stats(self._detail_due())
+        if self._detail_due():
             self._snapshot_params()
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -379,7 +391,7 @@ class TorchAdapter(Adapter):
         if not self._ensure_table():
             return
         if self._due():
-            self._grad_row = self._grad_stats()
+            self._grad_row = self._grad_stats(self._detail_due())
         self._finish_step(found)
 
     def _arm_backward(self, module, args, output) -> None:
@@ -400,7 +412,7 @@ class TorchAdapter(Adapter):
         if not self._ensure_table():
             return
         if self._due():
-            self._grad_row = self._grad_stats()
+            self._grad_row = self._grad_stats(self._detail_due())
         self._finish_step(None)
 
     def _finish_step(self, skipped: torch.Tensor | None) -> None:

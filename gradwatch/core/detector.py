@@ -361,7 +361,8 @@ class Detector:
     # -- non-finite ----------------------------------------------------------------------------------------
 
     def _on_nonfinite(self, step: int, rows: LayerRows, i: int) -> None:
-        if not (rows.nonfinite[i] > 0).any():
+        counted = rows.nonfinite_measured[i]
+        if counted and not (rows.nonfinite[i] > 0).any():
             self._on_overflow(step, rows, i)
             return
         bad = (rows.nonfinite[i] > 0) | (rows.present[i] & ~np.isfinite(rows.grad_rms[i]))
@@ -373,19 +374,21 @@ class Detector:
                           layers={int(li): step for li in bad_idx})
             self._episodes.append(ep)
             self._open["nonfinite"] = ep
-            count = int(np.nansum(rows.nonfinite[i]))
-            overflow = [self.names[li] for li in bad_idx if rows.nonfinite[i][li] == 0]
+            count = int(np.nansum(rows.nonfinite[i])) if counted else None
+            overflow = [self.names[li] for li in bad_idx if counted and rows.nonfinite[i][li] == 0]
             all_layers = len(bad_idx) == int(rows.present[i].sum())
             ep.evidence = {
                 "origin_layer": self.names[origin], "first_step": step, "nonfinite_values": count,
                 "layers_affected": len(bad_idx), "overflowed_norm_layers": overflow,
-                "nonfinite_per_layer": {self.names[li]: int(rows.nonfinite[i][li]) for li in bad_idx},
+                "nonfinite_per_layer": {self.names[li]: int(rows.nonfinite[i][li]) for li in bad_idx} if counted
+                else "counted on detail steps (every update_every collected steps)",
             }
             where = (f"first appears in {self.names[origin]} (the layer nearest the output with non-finite "
                      f"gradients; backward carries it to the {len(bad_idx) - 1} layer(s) before it)")
             if all_layers:
                 where += "; every layer is affected, so the loss or the output was likely already non-finite"
-            ep.message = f"{count} non-finite gradient values at step {step}: it {where}."
+            what = f"{count} non-finite gradient values" if count is not None else "Non-finite gradients"
+            ep.message = f"{what} at step {step}: it {where}."
         else:
             for li in bad_idx:
                 ep.layers.setdefault(int(li), step)

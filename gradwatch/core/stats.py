@@ -131,7 +131,8 @@ class LayerRows:
     """Per-layer statistics over rows (steps or merged groups of steps), all shape ``(n_rows, n_layers)``.
 
     ``grad_rms`` is the root mean square over every gradient element the layer received; ``update_ratio`` is
-    ``||delta w|| / ||w||`` over the layer's parameters; ``present`` says whether the layer had any gradient.
+    ``||delta w|| / ||w||`` over the layer's parameters; ``present`` says whether the layer had any gradient;
+    ``nonfinite_measured`` (per row) whether non-finite values were counted on that step.
     """
 
     steps: np.ndarray
@@ -143,6 +144,7 @@ class LayerRows:
     update_ratio: np.ndarray
     present: np.ndarray
     skipped: np.ndarray
+    nonfinite_measured: np.ndarray
 
     @classmethod
     def from_values(cls, steps: np.ndarray, values: np.ndarray, table: ParamTable,
@@ -161,6 +163,7 @@ class LayerRows:
             grad_rms = np.where(present, np.sqrt(layer_sq / np.maximum(layer_numel, 1.0)), np.nan)
             grad_max = np.fmax.reduceat(v[..., GRAD_MAX], starts, axis=1)
             nonfinite = np.add.reduceat(np.nan_to_num(v[..., NONFINITE], nan=0.0), starts, axis=1)
+            nonfinite_measured = (~np.isnan(v[..., NONFINITE]) & present_p).any(axis=1)
             wn = v[..., WEIGHT_NORM]
             un = v[..., UPDATE_NORM]
             measured = ~np.isnan(un) & ~np.isnan(wn)
@@ -172,7 +175,7 @@ class LayerRows:
             weight_norm = np.where(np.add.reduceat(~np.isnan(wn), starts, axis=1) > 0, np.sqrt(all_w), np.nan)
         return cls(steps=np.asarray(steps), grad_norm=grad_norm, grad_rms=grad_rms, grad_max=grad_max,
                    nonfinite=nonfinite, weight_norm=weight_norm, update_ratio=update_ratio, present=present,
-                   skipped=np.asarray(skipped, dtype=bool))
+                   skipped=np.asarray(skipped, dtype=bool), nonfinite_measured=nonfinite_measured)
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -36,7 +36,7 @@ def sparkline(values: Sequence[float], lo: float, hi: float, width: int = 24) ->
 
     Example:
         >>> sparkline([1e-8, 1e-4, 1.0], -8, 0, width=3)
-        '▁▄█'
+        '▁▅█'
     """
     if not values:
         return ""

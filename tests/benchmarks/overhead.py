@@ -1,0 +1,180 @@
+"""Training-step overhead of gradwatch at its defaults, against no monitoring and against the peers a user
+would otherwise pick, measured in one process with the variants interleaved.
+
+PyTorch: a 20-layer MLP, a small ResNet, a small transformer encoder and a 2-layer LSTM on CPU, each plain,
+with ``gradwatch.attach(model, opt, reporters=[])`` and with ``wandb.watch(model, log="gradients",
+log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP and a small CNN, ``fit()`` plain, with
+``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
+
+Run: python tests/benchmarks/overhead.py [--torch] [--keras] [--rounds 7]
+Prints a Markdown table: median step time per variant and its ratio to the plain run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def torch_cases():
+    import torch
+    from torch import nn
+
+    from tests.fixtures.models import SeqClassifier, SmallResNet, TinyTransformer, mlp
+
+    def mlp20():
+        return mlp(20, width=256, d_in=64, act=nn.ReLU, init="he"), (torch.randn(128, 64), torch.randn(128, 1)), "mse"
+
+    def resnet():
+        return SmallResNet(c=32, blocks=3), (torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))), "ce"
+
+    def transformer():
+        m = TinyTransformer(vocab=1000, d=128, layers=4)
+        return m, (torch.randint(0, 1000, (32, 64)), torch.randint(0, 2, (32,))), "ce"
+
+    def lstm():
+        m = SeqClassifier("lstm", hidden=128, d_in=32)
+        m.rnn = nn.LSTM(32, 128, num_layers=2, batch_first=True)
+        return m, (torch.randn(32, 50, 32), torch.randint(0, 2, (32,))), "ce"
+
+    return {"MLP, 20 layers": mlp20, "ResNet, 3 blocks": resnet, "Transformer, 4 layers": transformer,
+            "LSTM, 2 layers": lstm}
+
+
+def bench_torch(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
+    import torch
+    import wandb
+    from torch.nn import functional as F
+
+    import gradwatch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out = []
+    tmp = tempfile.mkdtemp()
+    run = wandb.init(mode="offline", dir=tmp, project="gradwatch-bench")
+    for name, make in torch_cases().items():
+        model, (x, y), loss_kind = make()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad()
+            out_ = model(x)
+            loss = F.mse_loss(out_, y) if loss_kind == "mse" else F.cross_entropy(out_, y)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "wandb.watch": []}
+        for _ in range(rounds):
+            for variant in times:
+                gw = None
+                if variant == "gradwatch":
+                    gw = gradwatch.attach(model, opt, reporters=[])
+                elif variant == "wandb.watch":
+                    run.watch(model, log="gradients", log_freq=1)
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times[variant].append(time.perf_counter() - t0)
+                if gw is not None:
+                    gw.detach()
+                elif variant == "wandb.watch":
+                    run.unwatch(model)
+        out.append((name, {k: statistics.median(v) for k, v in times.items()}))
+    run.finish()
+    return out
+
+
+def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
+    import keras
+    import numpy as np
+
+    import gradwatch
+
+    def mlp20():
+        layers = [keras.Input((64,))] + [keras.layers.Dense(256, activation="relu", kernel_initializer="he_normal")
+                                         for _ in range(20)] + [keras.layers.Dense(1)]
+        return keras.Sequential(layers), np.random.randn(128 * steps, 64).astype("float32"), \
+            np.random.randn(128 * steps, 1).astype("float32"), "mse", 128
+
+    def cnn():
+        m = keras.Sequential([keras.Input((32, 32, 3))] + [
+            layer for _ in range(3) for layer in (keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
+                                                    keras.layers.BatchNormalization(), keras.layers.ReLU())
+        ] + [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+        return m, np.random.randn(32 * steps, 32, 32, 3).astype("float32"), \
+            np.random.randint(0, 2, (32 * steps,)), "sparse_categorical_crossentropy", 32
+
+    class Timer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter() - self.t0)
+
+    out = []
+    for name, make in {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn}.items():
+        model, x, y, loss, bs = make()
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        model.fit(x[:bs * 3], y[:bs * 3], batch_size=bs, verbose=0)
+        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "TensorBoard(histogram_freq=1)": []}
+        for _ in range(rounds):
+            for variant in times:
+                timer = Timer()
+                cbs = [timer]
+                if variant == "gradwatch":
+                    cbs.insert(0, gradwatch.KerasCallback(reporters=[]))
+                elif variant.startswith("TensorBoard"):
+                    cbs.insert(0, keras.callbacks.TensorBoard(log_dir=tempfile.mkdtemp(), histogram_freq=1))
+                model.fit(x, y, batch_size=bs, epochs=1, verbose=0, callbacks=cbs)
+                times[variant] += timer.times[2:]  # the first batches of a fit() may retrace
+        out.append((name, {k: statistics.median(v) for k, v in times.items()}))
+    return out
+
+
+def table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    variants = list(rows[0][1])
+    lines = ["| model | " + " | ".join(f"{v} (ms/step)" for v in variants) + " | " +
+             " | ".join(f"{v} overhead" for v in variants[1:]) + " |",
+             "|---" * (1 + 2 * len(variants) - 1) + "|"]
+    for name, t in rows:
+        base = t["plain"]
+        lines.append(f"| {name} | " + " | ".join(f"{t[v] * 1e3:.2f}" for v in variants) + " | " +
+                     " | ".join(f"{(t[v] / base - 1) * 100:+.1f}%" for v in variants[1:]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--torch", action="store_true", help="PyTorch models (default when neither is given)")
+    ap.add_argument("--keras", action="store_true", help="Keras models")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
+    ap.add_argument("--steps", type=int, default=20, help="steps per round")
+    args = ap.parse_args()
+    if not args.torch and not args.keras:
+        args.torch = True
+    if args.torch:
+        import torch  # noqa: F401  (before tensorflow)
+
+        print(table(bench_torch(args.rounds, args.steps)))
+    if args.keras:
+        print(table(bench_keras(args.rounds, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
