@@ -1,0 +1,121 @@
+"""Keras 3: a callback that judges the real training gradients of ``model.fit``.
+
+Example:
+    >>> import gradwatch
+    >>> cb = gradwatch.KerasCallback(reporters=[], flush_every=10)
+    >>> cb.options.flush_every
+    10
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradwatch._optional import require
+from gradwatch._watcher import Watcher, WatchOptions
+from gradwatch.core.report import Report
+from gradwatch.errors import WatcherStateError
+
+keras = require("keras", extra="tensorflow", feature="gradwatch.KerasCallback")
+
+__all__ = ["KerasCallback", "attach_keras"]
+
+
+def _make_watcher(model: Any, options: WatchOptions) -> Watcher:
+    from gradwatch.adapters.keras import KerasAdapter
+
+    def make(sink):
+        adapter = KerasAdapter(sink, model, update_every=options.update_every)
+        adapter.install()
+        return adapter
+
+    return Watcher(model, make, options)
+
+
+def attach_keras(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
+    """``gradwatch.attach(keras_model)``: wrap the compiled model's optimizer now.
+
+    Statistics are read on ``gw.report()``, ``gw.flush()`` and ``gw.detach()``; inside ``fit()`` prefer
+    :class:`KerasCallback`, which also reads them every ``flush_every`` batches.
+    """
+    if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
+        raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no optimizer "
+                         f"(received {type(optimizer).__name__}) or compile the model with it.")
+    opts = WatchOptions.parse(options)
+    return _make_watcher(model, opts)
+
+
+class KerasCallback(keras.callbacks.Callback):
+    """Watches the gradients ``fit()`` really applies, batch by batch, with no extra forward/backward pass.
+
+    Each ``fit()`` starts a fresh watch (as Keras' own callbacks reset in ``on_train_begin``) and ends it in
+    ``on_train_end``, which removes every wrapper: the model saves, reloads and fits again as without it.
+    Finding blocks are printed when the next epoch begins or training ends, never into the progress bar.
+
+    Args:
+        **options: The options of :class:`gradwatch.WatchOptions` (``reporters``, ``every``, ``flush_every``,
+            ``update_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``).
+
+    Example:
+        >>> cb = KerasCallback(every=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: every must be an int >= 1, received every=0
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = WatchOptions.parse(options, caller="KerasCallback()")
+        self._watcher: Watcher | None = None
+        self._last: Report | None = None
+
+    @property
+    def watcher(self) -> Watcher | None:
+        return self._watcher
+
+    def _console_defer(self, on: bool) -> None:
+        from gradwatch.reporters.console import ConsoleReporter
+
+        for r in self._watcher.reporters if self._watcher else ():
+            if isinstance(r, ConsoleReporter):
+                r.defer = on
+                if not on:
+                    r.release()
+
+    def on_train_begin(self, logs=None) -> None:
+        if self._watcher is not None:
+            self._watcher.detach()
+        self._watcher = _make_watcher(self.model, self.options)
+        self._console_defer(True)
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if self._watcher is not None and self._watcher.active:
+            self._watcher.adapter.on_batch_end()
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        if self._watcher is not None and epoch > 0:
+            from gradwatch.reporters.console import ConsoleReporter
+
+            for r in self._watcher.reporters:
+                if isinstance(r, ConsoleReporter):
+                    r.release()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if self._watcher is not None:
+            self._watcher.flush()
+
+    def on_train_end(self, logs=None) -> None:
+        if self._watcher is None:
+            return
+        self._console_defer(False)
+        self._watcher.detach()
+        self._last = self._watcher.report()
+
+    def report(self) -> Report:
+        """The diagnosis of the current ``fit()``, or of the last one once it ended."""
+        if self._watcher is not None and self._watcher.active:
+            return self._watcher.report()
+        if self._last is not None:
+            return self._last
+        raise WatcherStateError("KerasCallback.report() needs a fit() first: pass the callback to "
+                                "model.fit(..., callbacks=[cb]).")
