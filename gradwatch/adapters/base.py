@@ -39,20 +39,26 @@ class Adapter(ABC):
     def model_type(self) -> str:
         """The model's class name."""
 
+    # Subclasses fill these as they learn the model; the properties below read them.
+    _table: ParamTable | None = None
+    _structure: Structure | None = None
+    _step: int = 0
+    _notes: list[str]
+
     @property
-    @abstractmethod
     def table(self) -> ParamTable | None:
         """The watched parameters, or ``None`` until known (a model whose first forward has not run)."""
+        return self._table
 
     @property
-    @abstractmethod
     def structure(self) -> Structure | None:
         """The model's structure, or ``None`` until known."""
+        return self._structure
 
     @property
-    @abstractmethod
     def step(self) -> int:
         """Training steps seen so far."""
+        return self._step
 
     @abstractmethod
     def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
@@ -64,7 +70,7 @@ class Adapter(ABC):
 
     def notes(self) -> tuple[str, ...]:
         """Caveats for the report: what this adapter could not measure, and why."""
-        return ()
+        return tuple(getattr(self, "_notes", ()))
 
     def guard(self, fn: Callable, where: str) -> Callable:
         """Wrap a hook so that an internal error goes to the sink instead of the user's training."""

@@ -90,21 +90,6 @@ class KerasAdapter(Adapter):
     def model_type(self) -> str:
         return type(self.model).__name__
 
-    @property
-    def table(self) -> ParamTable | None:
-        return self._table
-
-    @property
-    def structure(self) -> Structure | None:
-        return self._structure
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    def notes(self) -> tuple[str, ...]:
-        return tuple(self._notes)
-
     # -- install -------------------------------------------------------------------------------------------
 
     def install(self) -> None:

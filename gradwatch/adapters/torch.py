@@ -119,26 +119,9 @@ class TorchAdapter(Adapter):
         self._index_cache: dict[bytes, torch.Tensor] = {}
         self._install()
 
-    # -- properties ----------------------------------------------------------------------------------------
-
     @property
     def model_type(self) -> str:
         return type(self.root).__name__
-
-    @property
-    def table(self) -> ParamTable | None:
-        return self._table
-
-    @property
-    def structure(self) -> Structure | None:
-        return self._structure
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    def notes(self) -> tuple[str, ...]:
-        return tuple(self._notes)
 
     # -- install / detach ----------------------------------------------------------------------------------
 

@@ -288,9 +288,7 @@ class Detector:
             layers = np.flatnonzero(on)
             # The condition has held on most of the window: date the episode from where it started holding.
             first = next(s for s, f in votes if f[layers].any())
-            ep = _Episode(kind=kind, first_step=first, last_step=step, layers={int(li): first for li in layers})
-            self._episodes.append(ep)
-            self._open[kind] = ep
+            ep = self._open_episode(kind, first, layers)
         else:
             for li in np.flatnonzero(on):
                 ep.layers.setdefault(int(li), step)
@@ -300,6 +298,13 @@ class Detector:
         ep.last_step = step
         if kind in ("vanishing", "exploding"):
             self._describe_gradient(ep, ev)
+
+    def _open_episode(self, kind: str, step: int, layers, severity: str = "warning") -> _Episode:
+        ep = _Episode(kind=kind, first_step=step, last_step=step, severity=severity,
+                      layers={int(li): step for li in layers})
+        self._episodes.append(ep)
+        self._open[kind] = ep
+        return ep
 
     def _close(self, kind: str, step: int) -> None:
         ep = self._open.pop(kind, None)
@@ -370,10 +375,7 @@ class Detector:
         origin = int(bad_idx[-1])  # backward runs output -> input: the last layer in forward order comes first
         ep = self._open.get("nonfinite")
         if ep is None:
-            ep = _Episode(kind="nonfinite", first_step=step, last_step=step, severity="critical",
-                          layers={int(li): step for li in bad_idx})
-            self._episodes.append(ep)
-            self._open["nonfinite"] = ep
+            ep = self._open_episode("nonfinite", step, bad_idx, "critical")
             count = int(np.nansum(rows.nonfinite[i])) if counted else None
             overflow = [self.names[li] for li in bad_idx if counted and rows.nonfinite[i][li] == 0]
             all_layers = len(bad_idx) == int(rows.present[i].sum())
@@ -399,10 +401,7 @@ class Detector:
         over = np.flatnonzero(rows.present[i] & ~np.isfinite(rows.grad_norm[i]))
         ep = self._open.get("exploding")
         if ep is None:
-            ep = _Episode(kind="exploding", first_step=step, last_step=step, severity="critical",
-                          layers={int(li): step for li in over})
-            self._episodes.append(ep)
-            self._open["exploding"] = ep
+            ep = self._open_episode("exploding", step, over, "critical")
             gmax = {self.names[li]: float(rows.grad_max[i][li]) for li in over}
             worst = max(gmax, key=lambda k: gmax[k] if np.isfinite(gmax[k]) else math.inf)
             ep.evidence = {"overflow_step": step, "grad_max": gmax, "worst_layer": worst,
@@ -424,10 +423,7 @@ class Detector:
         if len(bad_idx) == 0:
             bad_idx = np.flatnonzero(self.profile)
         if ep is None:
-            ep = _Episode(kind="exploding", first_step=step, last_step=step, severity="critical",
-                          layers={int(li): step for li in bad_idx})
-            self._episodes.append(ep)
-            self._open["exploding"] = ep
+            ep = self._open_episode("exploding", step, bad_idx, "critical")
         origin = self.names[int(bad_idx[-1])] if len(bad_idx) else None
         ep.last_step = step
         ep.evidence = {"amp_skipped_steps": n_skip, "window_steps": w, "origin_layer": origin}
@@ -474,10 +470,7 @@ class Detector:
                 if extreme.any():
                     # Four orders of magnitude through time is no noisy sample: one update of that size can
                     # wreck the recurrent weights before the next sample (Pascanu et al. 2013).
-                    layers = np.flatnonzero(extreme)
-                    ep = _Episode(kind=kind, first_step=step, last_step=step, layers={int(li): step for li in layers})
-                    self._episodes.append(ep)
-                    self._open[kind] = ep
+                    self._open_episode(kind, step, np.flatnonzero(extreme))
             ep = self._open.get(kind)
             if ep is None:
                 continue
