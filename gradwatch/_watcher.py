@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 import weakref
@@ -14,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from gradwatch.core.detector import ActivationRows, Detector, Thresholds
-from gradwatch.core.recommender import recommend
-from gradwatch.core.report import Finding, LayerSummary, ParamSummary, Report
-from gradwatch.core.stats import GRAD_MAX, GRAD_NORM, NONFINITE, History
+from gradwatch.core.report import Finding, Report
+from gradwatch.core.stats import History, StepBatch
+from gradwatch.core.summarize import Verdicts, build_report
 from gradwatch.errors import AttachError, MonitoringError
 from gradwatch.reporters.base import Reporter
 
@@ -26,8 +25,6 @@ log = logging.getLogger(__name__)
 
 #: Models watched now, so a second attach raises instead of piling hooks up. Weak: it never keeps a model alive.
 _ATTACHED: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
-
-_TREND_POINTS = 64
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -160,6 +157,7 @@ class Watcher:
         self._detector: Detector | None = None
         self._since_flush = 0
         self._last_acts: dict[str, np.ndarray] = {}
+        self._last_batch: StepBatch | None = None
         self._closing = False
         self.reporters = _make_reporters(options)
         self.adapter = make_adapter(self)
@@ -211,6 +209,12 @@ class Watcher:
         """The bounded per-step statistics history (``None`` before the first step)."""
         return self._history
 
+    @property
+    def last_batch(self) -> StepBatch | None:
+        """The per-parameter statistics pulled by the latest flush (what ``on_flush`` reporters were given, before
+        aggregation to layers); ``None`` when that flush found no new step."""
+        return self._last_batch
+
     def flush(self) -> None:
         """Pull collected statistics from the device, judge them and feed the reporters."""
         if self._error is not None and self._history is None:
@@ -231,7 +235,8 @@ class Watcher:
                                           plain_recurrent=plain)
             new: list[Finding] = []
             rows = None
-            if batch is not None and len(batch):
+            self._last_batch = batch if batch is not None and len(batch) else None
+            if self._last_batch is not None:
                 self._history.extend(batch)
                 rows = batch.layers(table)
                 new += self._detector.update(rows)
@@ -250,9 +255,14 @@ class Watcher:
             for r in list(self.reporters):
                 self._call(r, "on_findings", self, new)
 
-    def report(self) -> Report:
-        """Everything seen so far, as a :class:`~gradwatch.Report`. Works after :meth:`detach` too."""
-        if not self._detached:
+    def report(self, *, flush: bool = True) -> Report:
+        """Everything seen so far, as a :class:`~gradwatch.Report`. Works after :meth:`detach` too.
+
+        Args:
+            flush: Pull the steps still on the device first (reporters pass ``False`` from inside a flush).
+                Defaults to ``True``.
+        """
+        if flush and not self._detached:
             self.flush()
         return self._build_report()
 
@@ -308,77 +318,24 @@ class Watcher:
             if nonfinite[i].any() and self._detector is not None:
                 self._detector.note_activation_nonfinite(int(acts.steps[i]), int(np.flatnonzero(nonfinite[i])[0]))
 
+    def verdicts(self) -> Verdicts | None:
+        """The detector's conclusions so far as plain arrays (``None`` before the first flushed step)."""
+        det = self._detector
+        if det is None:
+            return None
+        rms, ur, _ = det.recent_medians()
+        return Verdicts(findings=det.findings, status=tuple(det.layer_status()), grad_rms=rms, update_ratio=ur,
+                        window=det.t.window, activations=dict(self._last_acts))
+
+    @property
+    def monitoring(self) -> str:
+        """``"on"``, ``"detached"``, or ``"off: <reason>"`` after an internal error."""
+        if self._error is not None:
+            return f"off: {self._error}"
+        return "detached" if self._detached else "on"
+
     def _build_report(self) -> Report:
         adapter = self.adapter
-        table = adapter.table
-        monitoring = "detached" if self._detached else "on"
-        if self._error is not None:
-            monitoring = f"off: {self._error}"
-        notes = list(adapter.notes())
-        if table is None or self._history is None or self._detector is None or len(self._history) == 0:
-            notes.append("No training step has been seen yet.")
-            return Report(framework=adapter.framework, model_type=adapter.model_type, step=adapter.step,
-                          collected_steps=0, structure=adapter.structure, notes=tuple(notes), monitoring=monitoring)
-        hist = self._history
-        rows = hist.layers()
-        det = self._detector
-        rms, ur, _ = det.recent_medians()
-        status = det.layer_status()
-        n = len(rows)
-        pick = np.unique(np.linspace(0, n - 1, min(n, _TREND_POINTS)).round().astype(int))
-        trend_steps = tuple(int(s) for s in rows.steps[pick])
-        values = hist.values
-        recent = values[-min(len(values), det.t.window):]
-        numel = np.asarray(table.param_numel, dtype=np.float64)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            p_rms = np.nanmedian(recent[..., GRAD_NORM], axis=0) / np.sqrt(np.maximum(numel, 1))
-            p_max = np.nanmax(recent[..., GRAD_MAX], axis=0) if len(recent) else np.full(table.n_params, np.nan)
-            p_nf = np.nansum(values[..., NONFINITE] * (~(hist._skipped[:len(hist)] > 0))[:, None], axis=0)
-            weight_norm = _last_finite(rows.weight_norm)
-            nonfinite_layer = np.nansum(np.where(rows.skipped[:, None], 0, rows.nonfinite), axis=0)
-        ever = rows.present.any(axis=0)
-        layers = []
-        for li, name in enumerate(table.layer_names):
-            pidx = [i for i, lay in enumerate(table.param_layer) if lay == li]
-            trainable = any(table.param_trainable[i] for i in pidx)
-            st = status[li]
-            if st == "ok" and not trainable:
-                st = "frozen"
-            elif st == "ok" and not ever[li]:
-                st = "no_grad"
-            params = tuple(ParamSummary(name=table.param_names[i], role=table.param_roles[i],
-                                        shape=table.param_shapes[i], trainable=table.param_trainable[i],
-                                        grad_rms=float(p_rms[i]), grad_max=float(p_max[i]),
-                                        nonfinite=int(p_nf[i])) for i in pidx)
-            layers.append(LayerSummary(
-                name=name, type=table.layer_types[li], index=li, status=st, grad_rms=float(rms[li]),
-                grad_rms_trend=tuple(float(x) for x in rows.grad_rms[pick, li]), update_ratio=float(ur[li]),
-                weight_norm=float(weight_norm[li]), nonfinite=int(nonfinite_layer[li]),
-                saturation=_act(self._last_acts, "saturation", li), dead_fraction=_act(self._last_acts, "dead", li),
-                activation_rms=_act(self._last_acts, "rms", li), params=params))
-        findings = det.findings
-        if hist.total_skipped:
-            notes.append(f"{hist.total_skipped} step(s) skipped by the loss scaler for overflow were not judged as "
-                         "exploding (only a persistent run of skips is).")
-        structure = adapter.structure
-        recs = recommend(findings, structure, tuple(layers), framework=adapter.framework) if findings else ()
-        return Report(framework=adapter.framework, model_type=adapter.model_type, step=adapter.step,
-                      collected_steps=hist.total_steps, skipped_steps=hist.total_skipped, layers=tuple(layers),
-                      findings=findings, recommendations=recs, structure=structure, notes=tuple(notes),
-                      monitoring=monitoring, trend_steps=trend_steps)
-
-
-def _last_finite(a: np.ndarray) -> np.ndarray:
-    out = np.full(a.shape[1], np.nan)
-    for i in range(a.shape[0] - 1, -1, -1):
-        fill = np.isnan(out) & np.isfinite(a[i])
-        out[fill] = a[i][fill]
-        if not np.isnan(out).any():
-            break
-    return out
-
-
-def _act(acts: dict[str, np.ndarray], key: str, li: int) -> float:
-    arr = acts.get(key)
-    return float(arr[li]) if arr is not None and li < len(arr) else math.nan
+        return build_report(framework=adapter.framework, model_type=adapter.model_type, step=adapter.step,
+                            history=self._history, verdicts=self.verdicts(), structure=adapter.structure,
+                            notes=tuple(adapter.notes()), monitoring=self.monitoring)

@@ -149,7 +149,8 @@ class LayerSummary(_Serialisable):
         index: Position from the input (0) to the output.
         status: ``"ok"``, ``"vanishing"``, ``"exploding"``, ``"nonfinite"``, ``"frozen"`` or ``"no_grad"``.
         grad_rms: Median gradient RMS over the most recent judged window.
-        grad_rms_trend: Gradient RMS over the whole run, at most 24 points, oldest first.
+        grad_rms_trend: Gradient RMS over the whole run, at most 64 points, oldest first (at ``trend_steps``).
+        update_ratio_trend: The latest update ratio measured at each of those points.
         update_ratio: Median ``||delta w|| / ||w||`` over the recent window; ``nan`` when not measured.
         weight_norm: The latest weight norm measured.
         nonfinite: Non-finite gradient values seen on applied steps.
@@ -171,6 +172,7 @@ class LayerSummary(_Serialisable):
     saturation: float = float("nan")
     dead_fraction: float = float("nan")
     activation_rms: float = float("nan")
+    update_ratio_trend: tuple[float, ...] = ()
     params: tuple[ParamSummary, ...] = ()
 
     @classmethod
@@ -251,8 +253,9 @@ class Report:
 
         return render_text(self)
 
-    def plot(self, path: str, *, kind: str = "flow") -> str:
-        """Save a picture of this report (see :mod:`gradwatch.reporters.plots`); returns the path."""
+    def plot(self, path: str, *, kind: str = "all") -> str:
+        """Save a picture of this report to ``path`` (``kind``: ``"all"``, ``"flow"``, ``"depth"``, ``"updates"``;
+        see :mod:`gradwatch.reporters.plots`). Needs the ``plot`` extra. Returns the path."""
         from gradwatch.reporters.plots import plot_report
 
         return plot_report(self, path, kind=kind)

@@ -290,6 +290,40 @@ class History:
     def values(self) -> np.ndarray:
         return self._values[:self._n].astype(np.float64)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The rows held now, as plain arrays (what a run log stores); :meth:`from_state` rebuilds the history."""
+        n = self._n
+        out = {"values": self._values[:n].copy(), "steps": self._steps[:n].copy(), "span": self._span[:n].copy(),
+               "skipped": self._skipped[:n].copy(),
+               "totals": np.asarray([self.total_steps, self.total_skipped, self.capacity], dtype=np.int64)}
+        out.update({f"extra_{k}": v[:n].copy() for k, v in self._extras.items()})
+        return out
+
+    @classmethod
+    def from_state(cls, table: ParamTable, state: dict[str, np.ndarray]) -> History:
+        total_steps, total_skipped, capacity = (int(x) for x in state["totals"])
+        hist = cls(table, capacity=capacity)
+        n = len(state["steps"])
+        if n > capacity or state["values"].shape[1:] != hist._values.shape[1:]:
+            raise ValueError(f"history state of shape {state['values'].shape} does not fit a table of "
+                             f"{table.n_params} parameters at capacity {capacity}")
+        hist._values[:n] = state["values"]
+        hist._steps[:n] = state["steps"]
+        hist._span[:n] = state["span"]
+        hist._skipped[:n] = state["skipped"]
+        for key, arr in state.items():
+            if key.startswith("extra_"):
+                hist._extras[key[6:]] = np.full(capacity, np.nan)
+                hist._extras[key[6:]][:n] = arr
+        hist._n = n
+        hist.total_steps, hist.total_skipped = total_steps, total_skipped
+        return hist
+
+    @property
+    def skipped_rows(self) -> np.ndarray:
+        """Per row, whether any step it stands for was skipped by a loss scaler."""
+        return self._skipped[:self._n] > 0
+
     def extra(self, name: str) -> np.ndarray | None:
         arr = self._extras.get(name)
         return None if arr is None else arr[:self._n].copy()

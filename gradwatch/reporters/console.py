@@ -20,7 +20,7 @@ from rich.text import Text
 from gradwatch.core.report import Finding, Report
 from gradwatch.reporters.base import Reporter
 
-__all__ = ["ConsoleReporter", "render", "render_text", "sparkline"]
+__all__ = ["ConsoleReporter", "make_console", "render", "render_text", "sparkline"]
 
 _BARS = "▁▂▃▄▅▆▇█"
 _STATUS_STYLE = {"ok": "green", "vanishing": "bold yellow", "exploding": "bold red", "nonfinite": "bold red",
@@ -148,6 +148,14 @@ def render_text(report: Report, *, width: int = 120) -> str:
     return buf.getvalue().rstrip() + "\n"
 
 
+def make_console(file: IO[str] | None = None) -> Console:
+    """A rich console on ``file`` (default ``sys.stdout``); 120 columns when it is not a terminal."""
+    console = Console(file=file or sys.stdout, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(file=file or sys.stdout, highlight=False, soft_wrap=False, width=120)
+    return console
+
+
 class ConsoleReporter(Reporter):
     """Prints a block when a finding first appears and the summary when the watcher detaches.
 
@@ -167,10 +175,7 @@ class ConsoleReporter(Reporter):
         self._pending: list[RenderableType] = []
 
     def _console(self) -> Console:
-        console = Console(file=self.file or sys.stdout, highlight=False, soft_wrap=False)
-        if not console.is_terminal:
-            console = Console(file=self.file or sys.stdout, highlight=False, soft_wrap=False, width=120)
-        return console
+        return make_console(self.file)
 
     def on_findings(self, watcher, findings: Sequence[Finding]) -> None:
         for f in findings:
