@@ -474,7 +474,11 @@ class Detector:
             ep = self._open.get(kind)
             if ep is None:
                 continue
-            layers = sorted(ep.layers)
+            # The evidence is the latest sample that shows it: a sample where the episode's condition no longer
+            # holds (e.g. a saturated RNN whose explosion turned into decay) leaves the message as it was.
+            layers = [li for li in sorted(ep.layers) if f[li]]
+            if not layers:
+                continue
             d = {self.names[li]: float(dec[li]) for li in layers if np.isfinite(dec[li]) or dec[li] == math.inf}
             ep.evidence = {"through_time": True, "time_decades": d, "threshold_decades": self.t.time_decades}
             names = ", ".join(self.names[li] for li in layers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from gradwatch.core.report import Finding, LayerSummary, Recommendation
 from gradwatch.core.structure import RELU_FAMILY, SATURATING, LayerInfo, Structure
@@ -113,18 +114,23 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
                        f"in {', '.join(la.name for la in rnn_layers)}")
         if radius:
             clip_reason += f"; the recurrent weight's spectral radius is {max(radius):.2f} (> 1 amplifies)"
+        if any(r > 1.05 for r in radius):
+            clip_reason += ", so also start it orthogonal (radius 1): clipping bounds the step, not the growth"
     elif (exp or nonfinite) and rnn_layers:
         clip_reason = (f"{_evidence((exp or nonfinite)[0])} The model is recurrent "
                        f"({', '.join(la.name for la in rnn_layers)}), where gradients through time can blow up")
     if clip_reason:
-        max_norm = _clip_norm(layers)
+        max_norm = _clip_norm(layers, (exp_time or exp or nonfinite)[0])
         # An explosion that came first (and saturated the cell into vanishing) is the one to fix first.
         first = exp_time and (not van_time or exp_time[0].step <= van_time[0].step)
         cands.append(_Candidate(101 if first else 97, Recommendation(
             fix="gradient_clipping", layers=tuple(la.name for la in rnn_layers),
-            reason=clip_reason + f". Clip the global gradient norm near its healthy level (~{max_norm:g}).",
-            snippet=s.clip(max_norm), references=REFERENCES["gradient_clipping"],
-            addresses=("exploding", "nonfinite"))))
+            reason=clip_reason + (f". Clip the global gradient norm near its healthy level (~{max_norm:g})."
+                                  if (exp_time or exp or nonfinite)[0].step > 1 else
+                                  ". It explodes from the first step, so clip the global gradient norm at the usual "
+                                  f"starting value, {max_norm:g}."),
+            snippet=s.clip(max_norm, [la for la in rnn_layers if (la.recurrent_radius or 0) > 1.05]),
+            references=REFERENCES["gradient_clipping"], addresses=("exploding", "nonfinite"))))
 
     # Initialization scale against the activation's scale.
     init = _init_mismatch(weight_layers)
@@ -134,7 +140,11 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
         fam = "he_init" if any(la.activation in RELU_FAMILY for la in mism) or not any(
             la.activation in SATURATING for la in mism) else "xavier_init"
         relevant = (too_small and (van or dead)) or (not too_small and (exp or nonfinite))
-        if relevant:
+        # He init is for the layers feeding a ReLU-family activation, Xavier for the others that feed one; an
+        # output layer (no activation after it) keeps its own init.
+        mism = [la for la in mism if la.activation is not None
+                and (la.activation in RELU_FAMILY) == (fam == "he_init")]
+        if relevant and mism:
             target = "He (sqrt(2/fan_in))" if fam == "he_init" else "Xavier/Glorot (sqrt(2/(fan_in+fan_out)))"
             first = mism[0]
             compounded = ratio ** len(weight_layers)
@@ -175,13 +185,14 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
     # Exploding with a sane init -> lower learning rate.
     if (exp or nonfinite) and not exp_time:
         f = (exp or nonfinite)[0]
-        ur = max((la.update_ratio for la in layers if math.isfinite(la.update_ratio)), default=float("nan"))
+        peaks = sorted(u for u in (_peak_update_ratio(la) for la in layers) if math.isfinite(u))
+        ur = peaks[len(peaks) // 2] if peaks else float("nan")  # the typical layer, not the one outlier
         sane_init = init is None or init[0] <= 1
         if sane_init:
             if math.isfinite(ur) and ur > TARGET_UPDATE_RATIO:
-                factor = 10 ** min(4, max(1, math.ceil(math.log10(ur / TARGET_UPDATE_RATIO))))
-                basis = (f"the largest update ratio ||dw||/||w|| is {ur:.2g} per step, against ~{TARGET_UPDATE_RATIO:g}"
-                         f" for steady training")
+                factor = 10 ** min(3, max(1, math.ceil(math.log10(ur / TARGET_UPDATE_RATIO))))
+                basis = (f"the median layer's update ratio ||dw||/||w|| reached {ur:.2g} per step, against "
+                         f"~{TARGET_UPDATE_RATIO:g} for steady training")
             else:
                 factor = 10
                 basis = "updates diverge before the update ratio settles"
@@ -191,7 +202,7 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
                 fix="lower_learning_rate", layers=tuple(f.layers), reason=reason, snippet=s.lr(factor),
                 references=REFERENCES["lower_learning_rate"], addresses=("exploding", "nonfinite"))))
         if not rnn_layers and not any(c.rec.fix == "gradient_clipping" for c in cands):
-            max_norm = _clip_norm(layers)
+            max_norm = _clip_norm(layers, f)
             cands.append(_Candidate(70, Recommendation(
                 fix="gradient_clipping", layers=tuple(f.layers),
                 reason=f"{_evidence(f)} Clipping the global gradient norm (~{max_norm:g}, its healthy level in this run) "
@@ -276,8 +287,22 @@ def _init_mismatch(weight_layers: list[LayerInfo]) -> tuple[float, list[LayerInf
     return gmean, off
 
 
-def _clip_norm(layers: tuple[LayerSummary, ...]) -> float:
-    """A max-norm from the early, healthy part of this run: the total gradient norm at the first trend point."""
+def _peak_update_ratio(layer: LayerSummary) -> float:
+    """The recent update ratio, or, when the recent window has none (a run that turned non-finite), the largest
+    one measured earlier in the run; NaN when none was measured."""
+    if math.isfinite(layer.update_ratio):
+        return layer.update_ratio
+    return max((u for u in layer.update_ratio_trend if math.isfinite(u)), default=float("nan"))
+
+
+def _clip_norm(layers: tuple[LayerSummary, ...], finding: Finding) -> float:
+    """A max-norm from the early, healthy part of this run: the total gradient norm at the first trend point.
+
+    When the explosion was there from the first step, no healthy level was seen and the first point is already
+    blown up; then the common default of 1.0 (Pascanu et al. 2013 clip at a small multiple of the average norm;
+    1.0 is the usual starting value) is the suggestion."""
+    if finding.step <= 1:
+        return 1.0
     total = 0.0
     for la in layers:
         if not la.grad_rms_trend:
@@ -356,12 +381,23 @@ class _Snippets:
                 "class Residual(nn.Module):\n    def __init__(self, block):\n        super().__init__()\n"
                 "        self.block = block\n    def forward(self, x):\n        return x + self.block(x)")
 
-    def clip(self, max_norm: float) -> str:
+    def clip(self, max_norm: float, amplifying: Sequence[LayerInfo] = ()) -> str:
+        names = self._names(list(amplifying)) if amplifying else ""
         if self.keras:
-            return f"optimizer = keras.optimizers.Adam(learning_rate=..., clipnorm={max_norm:g})"
-        return ("loss.backward()\n"
+            code = f"optimizer = keras.optimizers.Adam(learning_rate=..., clipnorm={max_norm:g})"
+            if amplifying:
+                code += (f"\n# and for the recurrent layers {names}:\n"
+                         "layers.SimpleRNN(..., recurrent_initializer=\"orthogonal\")")
+            return code
+        code = ("loss.backward()\n"
                 f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})\n"
                 "optimizer.step()")
+        if amplifying:
+            code += (f"\n# once, before training: recurrent weights at spectral radius 1\nfor name in {names}:\n"
+                     "    rnn = model.get_submodule(name)\n"
+                     "    for w in (p for n, p in rnn.named_parameters() if n.startswith(\"weight_hh\")):\n"
+                     "        nn.init.orthogonal_(w)")
+        return code
 
     def lr(self, factor: float) -> str:
         if self.keras:

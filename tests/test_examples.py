@@ -1,0 +1,55 @@
+"""Every example runs as a user would run it, shows the finding, applies gradwatch's fix and shows it gone.
+
+Each classic-case example exits with status 1 when the recommended fix is not the expected one or does not
+remove the problem, so these tests check the outcome, not only that the script ran.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", exc_type=ModuleNotFoundError)
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+CASES = {
+    "deep_relu_he_init.py": ("he_init", "vanishing"),
+    "plain_cnn_batch_norm.py": ("batch_norm", "vanishing"),
+    "tanh_rnn_to_lstm.py": ("gated_rnn", "vanishing"),
+    "rnn_gradient_clipping.py": ("gradient_clipping", "exploding"),
+    "huge_lr_lower_lr.py": ("lower_learning_rate", "nonfinite"),
+}
+
+
+def run_example(name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, cwd=EXAMPLES,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_classic_case_example(name):
+    fix, kind = CASES[name]
+    out = run_example(name)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"problems: {kind}" in out.stdout  # the sick run shows the finding
+    assert f"{fix}" in out.stdout
+    assert f"After the fix: {kind} gone; training improved. OK" in out.stdout
+
+
+def test_examples_are_all_tested():
+    scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert scripts == set(CASES) | {"quickstart.py"}
+
+
+def test_quickstart():
+    out = run_example("quickstart.py")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vanishing" in out.stdout
+    assert "Applying gradwatch's first recommendation: relu" in out.stdout
+    assert "healthy: True" in out.stdout
