@@ -209,6 +209,22 @@ class Watcher:
         """The bounded per-step statistics history (``None`` before the first step)."""
         return self._history
 
+    def verdicts(self) -> Verdicts | None:
+        """The detector's conclusions so far as plain arrays (``None`` before the first flushed step)."""
+        det = self._detector
+        if det is None:
+            return None
+        rms, ur, _ = det.recent_medians()
+        return Verdicts(findings=det.findings, status=tuple(det.layer_status()), grad_rms=rms, update_ratio=ur,
+                        window=det.t.window, activations=dict(self._last_acts))
+
+    @property
+    def monitoring(self) -> str:
+        """``"on"``, ``"detached"``, or ``"off: <reason>"`` after an internal error."""
+        if self._error is not None:
+            return f"off: {self._error}"
+        return "detached" if self._detached else "on"
+
     @property
     def last_batch(self) -> StepBatch | None:
         """The per-parameter statistics pulled by the latest flush (what ``on_flush`` reporters were given, before
@@ -317,22 +333,6 @@ class Watcher:
         for i in range(len(acts.steps)):
             if nonfinite[i].any() and self._detector is not None:
                 self._detector.note_activation_nonfinite(int(acts.steps[i]), int(np.flatnonzero(nonfinite[i])[0]))
-
-    def verdicts(self) -> Verdicts | None:
-        """The detector's conclusions so far as plain arrays (``None`` before the first flushed step)."""
-        det = self._detector
-        if det is None:
-            return None
-        rms, ur, _ = det.recent_medians()
-        return Verdicts(findings=det.findings, status=tuple(det.layer_status()), grad_rms=rms, update_ratio=ur,
-                        window=det.t.window, activations=dict(self._last_acts))
-
-    @property
-    def monitoring(self) -> str:
-        """``"on"``, ``"detached"``, or ``"off: <reason>"`` after an internal error."""
-        if self._error is not None:
-            return f"off: {self._error}"
-        return "detached" if self._detached else "on"
 
     def _build_report(self) -> Report:
         adapter = self.adapter

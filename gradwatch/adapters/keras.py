@@ -80,8 +80,9 @@ class KerasAdapter(Adapter):
         self._table: ParamTable | None = None
         self._structure: Structure | None = None
         self._step = 0
-        self._read = 0
         self._installed_on: Any = None
+        self._outer: Any = None
+        self._read_applied = 0
         self._acc = None
         self._count = None
         self._notes: list[str] = []
@@ -108,6 +109,7 @@ class KerasAdapter(Adapter):
         inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer: unscaled gradients, applied steps only
         if self._installed_on is inner and "apply" in inner.__dict__:
             return
+        outer = opt if inner is not opt else None
         self._build_table()
         p = self._table.n_params
         strategy = model.distribute_strategy
@@ -116,10 +118,17 @@ class KerasAdapter(Adapter):
             self._acc = tf.Variable(tf.fill([_RING, p, len(STAT_NAMES)], float("nan")), trainable=False,
                                     aggregation=agg, synchronization=tf.VariableSynchronization.ON_WRITE,
                                     name="gradwatch_stats")
-            self._count = tf.Variable(tf.constant(self._step, tf.int64), trainable=False, aggregation=agg,
+            self._count = tf.Variable(tf.constant(self._read_applied, tf.int64), trainable=False, aggregation=agg,
                                       name="gradwatch_count")
+            # The training step of each ring row, and (with a LossScaleOptimizer, which skips the inner apply on
+            # overflow) every step the outer optimizer saw, so skipped steps are known and numbered truthfully.
+            self._step_ring = tf.Variable(tf.zeros([_RING], tf.int64), trainable=False, aggregation=agg,
+                                          name="gradwatch_steps")
+            self._total = tf.Variable(tf.constant(self._step, tf.int64), trainable=False, aggregation=agg,
+                                      name="gradwatch_total")
         index = {id(v): i for i, v in enumerate(self._vars)}
         acc, count, every = self._acc, self._count, self.update_every
+        step_ring, total = self._step_ring, self._total
         original = type(inner).apply
         nan = float("nan")
 
@@ -128,8 +137,20 @@ class KerasAdapter(Adapter):
                 list(inner._trainable_variables)
             grads = list(grads)
             pos = [index.get(id(getattr(v, "_gradwatch_source", v))) for v in variables]
+            # Under a distribution strategy, apply() runs per replica on the replica's own gradients; the optimizer
+            # sums them later. Judge the summed gradient, once: one extra all-reduce on gradwatch's account.
+            ctx = tf.distribute.get_replica_context()
+            replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+            stat_grads = grads
+            if replicas > 1:
+                present = [k for k, g in enumerate(grads) if g is not None]
+                dense = [tf.convert_to_tensor(grads[k]) for k in present]
+                summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense)
+                stat_grads = [None] * len(grads)
+                for k, g in zip(present, summed):
+                    stat_grads[k] = g
             cols_g: list[Any] = [None] * p
-            for g, v, i in zip(grads, variables, pos):
+            for g, v, i in zip(stat_grads, variables, pos):
                 if i is None or g is None:
                     continue
                 if isinstance(g, tf.IndexedSlices):
@@ -157,23 +178,42 @@ class KerasAdapter(Adapter):
                 g = cols_g[i] if cols_g[i] is not None else (nan_t, nan_t, nan_t)
                 rows.append(tf.stack([g[0], g[1], g[2], wcols[i][0], wcols[i][1]]))
             row = tf.stack(rows)
-            acc.scatter_nd_update([[count % _RING]], [row])
+            slot = [[count % _RING]]
+            step_id = total if outer is not None else count + 1
+            if replicas > 1:  # mirrored variables take no scatter in a replica context; assign the whole ring
+                acc.assign(tf.tensor_scatter_nd_update(acc, slot, [row]))
+                step_ring.assign(tf.tensor_scatter_nd_update(step_ring, slot, [step_id]))
+            else:
+                acc.scatter_nd_update(slot, [row])
+                step_ring.scatter_nd_update(slot, [step_id])
             count.assign_add(1)
+            if outer is None:
+                total.assign_add(1)
             return result
 
         apply.__gradwatch__ = True  # type: ignore[attr-defined]
         inner.apply = apply
+        if outer is not None:
+            outer_original = type(outer).apply
+
+            def outer_apply(grads, trainable_variables=None):
+                total.assign_add(1)  # every step, applied or skipped for overflow
+                return outer_original(outer, grads, trainable_variables)
+
+            outer_apply.__gradwatch__ = True  # type: ignore[attr-defined]
+            outer.apply = outer_apply
+        self._outer = outer
         self._installed_on = inner
         # fit() makes its train function before on_train_begin: re-make it so the traced step holds the wrapper.
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
 
     def uninstall(self) -> None:
-        inner = self._installed_on
-        if inner is not None and getattr(inner.__dict__.get("apply"), "__gradwatch__", False):
-            del inner.__dict__["apply"]
-            self.model.train_function = None  # drop the traced step that holds the wrapper
-        self._installed_on = None
+        for opt in (self._installed_on, self._outer):
+            if opt is not None and getattr(opt.__dict__.get("apply"), "__gradwatch__", False):
+                del opt.__dict__["apply"]
+                self.model.train_function = None  # drop the traced step that holds the wrapper
+        self._installed_on = self._outer = None
 
     def detach(self) -> None:
         self.active = False
@@ -286,26 +326,29 @@ class KerasAdapter(Adapter):
         if self._count is None or self._table is None:
             return None, None
         count = int(self._count.numpy())
-        new = count - self._read
-        if new <= 0:
-            self._step = max(self._step, count)
+        total = int(self._total.numpy())
+        new = count - self._read_applied
+        if total <= self._step:
             return None, None
         if new > _RING:
             self._notes.append(f"{new - _RING} steps were not read before the ring wrapped; use a smaller "
                                "flush_every.")
-            self._read = count - _RING
+            self._read_applied = count - _RING
             new = _RING
-        acc = self._acc.numpy()
-        idx = [(self._read + k) % _RING for k in range(new)]
-        values = acc[idx].astype(np.float64)
-        steps = np.arange(self._read + 1, count + 1, dtype=np.int64)
-        self._read = count
-        self._step = count
-        return StepBatch(steps=steps, values=values, skipped=np.zeros(len(steps), dtype=bool)), None
+        idx = [(self._read_applied + k) % _RING for k in range(new)]
+        values = self._acc.numpy()[idx].astype(np.float64)
+        applied = self._step_ring.numpy()[idx].astype(np.int64)
+        # Steps a LossScaleOptimizer skipped for overflow never reached the inner apply: rows of NaN, skipped.
+        steps = np.arange(self._step + 1, total + 1, dtype=np.int64)
+        keep = applied > self._step
+        full = np.full((len(steps), values.shape[1], values.shape[2]), np.nan)
+        full[applied[keep] - self._step - 1] = values[keep]
+        skipped = ~np.isin(steps, applied[keep])
+        self._read_applied = count
+        self._step = total
+        return StepBatch(steps=steps, values=full, skipped=skipped), None
 
-    def sync_step(self) -> None:
-        if self._count is not None:
-            self._step = int(self._count.numpy())
+
 
 
 def _is_param(v) -> bool:
