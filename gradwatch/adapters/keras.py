@@ -159,21 +159,25 @@ class KerasAdapter(Adapter):
                 finite = tf.math.is_finite(g)
                 cols_g[i] = (tf.norm(tf.reshape(g, [-1])), tf.reduce_max(tf.abs(g)),
                              tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.float32)))
+            # Update ratios every `every` steps: the weight copy and both norms run only on those steps. (The
+            # copy's placeholder on other steps keeps the weight's shape: XLA wants both branches alike.)
             measure = tf.equal(count % every, 0)
+            watched = [(v, i) for v, i in zip(variables, pos) if i is not None]
             before = [tf.cond(measure, lambda v=v: tf.identity(tf.cast(v, tf.float32)),
-                              lambda v=v: tf.zeros(tf.shape(v), tf.float32))
-                      if i is not None else None for v, i in zip(variables, pos)]
+                              lambda v=v: tf.zeros(tf.shape(v), tf.float32)) for v, _ in watched]
             result = original(inner, grads, trainable_variables)
             rows = []
             nan_t = tf.constant(nan, tf.float32)
+
+            def norms():
+                return tf.stack([tf.stack([tf.norm(tf.reshape(b, [-1])),
+                                           tf.norm(tf.reshape(tf.cast(v, tf.float32) - b, [-1]))])
+                                 for (v, _), b in zip(watched, before)])
+
+            measured = tf.cond(measure, norms, lambda: tf.fill([len(watched), 2], nan_t)) if watched else None
             wcols: list[Any] = [(nan_t, nan_t)] * p
-            for v, i, b in zip(variables, pos, before):
-                if i is None:
-                    continue
-                after = tf.cast(v, tf.float32)
-                wn = tf.where(measure, tf.norm(tf.reshape(b, [-1])), nan_t)
-                un = tf.where(measure, tf.norm(tf.reshape(after - b, [-1])), nan_t)
-                wcols[i] = (wn, un)
+            for k, (_, i) in enumerate(watched):
+                wcols[i] = (measured[k, 0], measured[k, 1])
             for i in range(p):
                 g = cols_g[i] if cols_g[i] is not None else (nan_t, nan_t, nan_t)
                 rows.append(tf.stack([g[0], g[1], g[2], wcols[i][0], wcols[i][1]]))

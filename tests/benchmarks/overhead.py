@@ -134,8 +134,11 @@ def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
         model.fit(x[:bs * 3], y[:bs * 3], batch_size=bs, verbose=0)
         times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "TensorBoard(histogram_freq=1)": []}
         startup: dict[str, list[float]] = {k: [] for k in times}
-        for _ in range(rounds):
-            for variant in times:
+        names = list(times)
+        for r in range(rounds):
+            # Rotate the order each round: a variant's after-effects (TensorBoard's writer thread, a re-trace)
+            # must not always land on the same neighbour.
+            for variant in names[r % len(names):] + names[:r % len(names)]:
                 timer = EpochTimer()
                 cbs = [timer]
                 if variant == "gradwatch":
@@ -145,6 +148,10 @@ def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
                 # Steady state: the second epoch, from its start to the end of every callback's on_epoch_end
                 # (TensorBoard writes its histograms there). The first epoch also holds the one-time cost of a
                 # fit() start (gradwatch re-traces the train step), reported in the notes below the table.
+                # Every variant starts from a fresh trace, as gradwatch's does: a train function kept from an
+                # earlier fit() ran its second epoch ~40% slower than a fresh one for the CNN (measured), which
+                # would flatter every variant that re-traces.
+                model.train_function = None
                 model.fit(x, y, batch_size=bs, epochs=2, verbose=0, callbacks=cbs)
                 n = len(x) // bs
                 times[variant].append(timer.epochs[1] / n)
