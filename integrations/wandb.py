@@ -39,6 +39,7 @@ import numpy as np
 from gradwatch._optional import require
 from gradwatch.core.report import HEALTH_KINDS, Finding, Report
 from gradwatch.core.stats import LayerRows
+from gradwatch.core.summarize import forward_fill
 from gradwatch.reporters.base import Reporter
 
 __all__ = ["WandbReporter"]
@@ -121,7 +122,7 @@ class WandbReporter(Reporter):
             counts = rows.present.sum(axis=0)
             rms = np.sqrt(np.nansum(sq, axis=0) / np.maximum(counts, 1))
             rms = np.where(counts > 0, rms, np.nan)
-            ur = _last_measured(rows.update_ratio)
+            ur = forward_fill(rows.update_ratio)[-1]  # per layer, the last ratio measured in this flush
         data: dict[str, Any] = {self._key("step"): int(rows.steps[-1])}
         for name, value in zip(names, rms):
             if not math.isnan(value):
@@ -154,14 +155,12 @@ class WandbReporter(Reporter):
     def on_close(self, watcher, report: Report) -> None:
         if self.run is None or not report.layers:
             return
-        data = self._tables(report)
-        data[self._key("step")] = report.step
-        self._add_flow_image(data, report)
+        extra: dict[str, Any] = {}
+        self._add_flow_image(extra, report)
         series = _line_series(self._wandb, report)
         if series is not None:
-            data[self._key("grad_rms_by_layer")] = series
-        self._log(data)
-        self._summary(report)
+            extra[self._key("grad_rms_by_layer")] = series
+        self._log_diagnosis(report, step=report.step, extra=extra)
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -171,9 +170,11 @@ class WandbReporter(Reporter):
             return levels.INFO
         return levels.ERROR if f.severity == "critical" else levels.WARN
 
-    def _log_diagnosis(self, report: Report, step: int) -> None:
+    def _log_diagnosis(self, report: Report, step: int, extra: dict[str, Any] | None = None) -> None:
+        """The findings and recommendations tables (plus ``extra``) in one log call, and the summary."""
         data = self._tables(report)
         data[self._key("step")] = step
+        data.update(extra or {})
         self._log(data)
         self._summary(report)
 
@@ -215,14 +216,6 @@ class WandbReporter(Reporter):
         from PIL import Image  # matplotlib depends on pillow
 
         data[self._key("flow")] = self._wandb.Image(Image.open(buf), caption=_caption(report))
-
-
-def _last_measured(a: np.ndarray) -> np.ndarray:
-    """Per column, the last non-NaN value (NaN where none)."""
-    ok = ~np.isnan(a)
-    idx = np.where(ok.any(axis=0), a.shape[0] - 1 - np.argmax(ok[::-1], axis=0), 0)
-    out = a[idx, np.arange(a.shape[1])]
-    return np.where(ok.any(axis=0), out, np.nan)
 
 
 def _alert_text(f: Finding, report: Report) -> str:

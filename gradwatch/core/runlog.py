@@ -100,6 +100,7 @@ class RunLogWriter(Reporter):
         self._size = 0
         self._snapshot_bytes = 0
         self._header: bytes | None = None
+        self._findings_written = -1
 
     # -- reporter hooks ---------------------------------------------------------------------------------
 
@@ -123,7 +124,10 @@ class RunLogWriter(Reporter):
             self._rotate(watcher)
 
     def on_findings(self, watcher, findings) -> None:
-        if self._file is not None:
+        # A flush with new statistics wrote its verdicts in on_flush, after the detector had judged everything,
+        # new findings included; only findings that on_flush did not see (sampled activations alone) need a record.
+        verdicts = watcher.verdicts()
+        if self._file is not None and verdicts is not None and len(verdicts.findings) != self._findings_written:
             self._append_verdicts(watcher)
             self._file.flush()
 
@@ -179,6 +183,7 @@ class RunLogWriter(Reporter):
             return
         rec = {"step": watcher.step, "monitoring": watcher.monitoring, "verdicts": verdicts.to_dict()}
         self._append(VERDICTS, json.dumps(rec).encode())
+        self._findings_written = len(verdicts.findings)
 
     def _append(self, kind: int, payload: bytes) -> None:
         head = _HEAD.pack(_MAGIC, kind, len(payload), zlib.crc32(payload))

@@ -17,7 +17,7 @@ from gradwatch.core.report import Finding, LayerSummary, ParamSummary, Report
 from gradwatch.core.stats import GRAD_MAX, GRAD_NORM, NONFINITE, History
 from gradwatch.core.structure import Structure
 
-__all__ = ["Verdicts", "build_report"]
+__all__ = ["Verdicts", "build_report", "forward_fill"]
 
 #: Points kept per layer in ``LayerSummary.grad_rms_trend`` (and in the plots drawn from a report).
 TREND_POINTS = 64
@@ -89,7 +89,7 @@ def build_report(*, framework: str, model_type: str, step: int, history: History
         weight_norm = _last_finite(rows.weight_norm)
         nonfinite_layer = np.nansum(np.where(rows.skipped[:, None], 0, rows.nonfinite), axis=0)
     ever = rows.present.any(axis=0)
-    ur_filled = _ffill(rows.update_ratio)
+    ur_filled = forward_fill(rows.update_ratio)
     acts = verdicts.activations
     layers = []
     for li, name in enumerate(table.layer_names):
@@ -121,7 +121,7 @@ def build_report(*, framework: str, model_type: str, step: int, history: History
                   trend_steps=trend_steps)
 
 
-def _ffill(a: np.ndarray) -> np.ndarray:
+def forward_fill(a: np.ndarray) -> np.ndarray:
     """Each row takes the latest non-NaN value at or before it, per column (update ratios are measured on some
     steps only)."""
     idx = np.where(np.isnan(a), 0, np.arange(len(a))[:, None])
