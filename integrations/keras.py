@@ -21,12 +21,13 @@ keras = require("keras", extra="tensorflow", feature="gradwatch.KerasCallback")
 __all__ = ["KerasCallback", "attach_keras"]
 
 
-def _make_watcher(model: Any, options: WatchOptions) -> Watcher:
+def _make_watcher(model: Any, options: WatchOptions, *, defer_unbuilt: bool = False) -> Watcher:
     from gradwatch.adapters.keras import KerasAdapter
 
     def make(sink):
-        adapter = KerasAdapter(sink, model, update_every=options.update_every)
-        adapter.install()
+        adapter = KerasAdapter(sink, model, update_every=options.update_every,
+                               activation_every=options.activation_every)
+        adapter.install(defer_unbuilt=defer_unbuilt)
         return adapter
 
     return Watcher(model, make, options)
@@ -85,12 +86,13 @@ class KerasCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         if self._watcher is not None:
             self._watcher.detach()
-        self._watcher = _make_watcher(self.model, self.options)
+        # A subclassed model with its own train_step is built by fit()'s first step: watched from the next one.
+        self._watcher = _make_watcher(self.model, self.options, defer_unbuilt=True)
         self._console_defer(True)
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         if self._watcher is not None and self._watcher.active:
-            self._watcher.adapter.on_batch_end()
+            self._watcher.adapter.on_batch_end(batch)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self._watcher is not None and epoch > 0:

@@ -52,7 +52,9 @@ def test_detach_leaves_a_model_that_saves_loads_and_fits_again(tmp_path):
     model = mlp("tanh", depth=3)
     cb = gradwatch.KerasCallback(reporters=[])
     fit(model, cb, epochs=1)
-    assert "apply" not in model.optimizer.__dict__  # the wrapper is gone after fit()
+    # Every wrapper is gone after fit(): the optimizer's apply, the model's train_step, the layers' call.
+    assert "apply" not in model.optimizer.__dict__ and "train_step" not in model.__dict__
+    assert not [layer.name for layer in model.layers if "call" in layer.__dict__]
     path = tmp_path / "m.keras"
     model.save(path)
     again = keras.models.load_model(path)
@@ -61,6 +63,116 @@ def test_detach_leaves_a_model_that_saves_loads_and_fits_again(tmp_path):
     again.fit(x, y, batch_size=64, epochs=1, verbose=0)  # fits without gradwatch
     report2 = fit(model, cb, epochs=1)  # the same callback serves a second fit()
     assert report2.step == 8
+
+
+def test_internal_error_at_trace_time_warns_once_and_fit_goes_on(monkeypatch):
+    import gradwatch.adapters.keras as adapter_module
+
+    def boom(*args):
+        raise RuntimeError("internal bug")
+
+    monkeypatch.setattr(adapter_module, "_activation_stats", boom)  # fails while fit() traces its train step
+    model = mlp("sigmoid", depth=3)
+    cb = gradwatch.KerasCallback(reporters=[])
+    with pytest.warns(RuntimeWarning, match="turned monitoring off.*internal bug") as rec:
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        x, y = data()
+        history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+    assert len([w for w in rec if "gradwatch" in str(w.message)]) == 1
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    assert cb.report().monitoring.startswith("off")
+    assert "apply" not in model.optimizer.__dict__ and "train_step" not in model.__dict__
+    with pytest.raises(gradwatch.MonitoringError, match="internal bug"):
+        fit(mlp("sigmoid", depth=3), gradwatch.KerasCallback(reporters=[], strict=True))
+
+
+def test_internal_error_between_epochs_detaches_and_fit_goes_on(monkeypatch):
+    from gradwatch.adapters.keras import KerasAdapter
+
+    def boom(self):
+        raise RuntimeError("drain bug")
+
+    monkeypatch.setattr(KerasAdapter, "_drain_activations", boom)  # the first flush, at the end of epoch 1
+    model = mlp("sigmoid", depth=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    x, y = data()
+    with pytest.warns(RuntimeWarning, match="turned monitoring off.*drain bug"):
+        history = model.fit(x, y, batch_size=64, epochs=3, verbose=0, callbacks=[gradwatch.KerasCallback(reporters=[])])
+    # The wrappers went away mid-fit, and fit() ran its next epochs on a fresh train function.
+    assert len(history.history["loss"]) == 3 and "train_step" not in model.__dict__
+
+
+class DeepSigmoid(keras.Model):
+    """A subclassed model with its own train_step: fit() builds it in its first step."""
+
+    def __init__(self, manual_update=False):
+        super().__init__()
+        self.hidden = [keras.layers.Dense(64, activation="sigmoid", name=f"h{i}") for i in range(8)]
+        self.head = keras.layers.Dense(1, name="head")
+        self.manual_update = manual_update
+
+    def call(self, x):
+        for layer in self.hidden:
+            x = layer(x)
+        return self.head(x)
+
+    def train_step(self, batch):
+        import tensorflow as tf
+
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        if self.manual_update:
+            for g, v in zip(grads, self.trainable_variables):
+                v.assign_sub(0.1 * g)
+        else:
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"loss": loss}
+
+
+def test_subclassed_model_with_custom_train_step():
+    keras.utils.set_random_seed(0)
+    model = DeepSigmoid()
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    x, y = data()
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=2)
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+    report = cb.report()
+    # Unbuilt until its first step: watched from step 2, and the report says so.
+    assert report.step == 16 and report.collected_steps == 15
+    assert any("watches from step 2" in n for n in report.notes)
+    assert [la.name for la in report.structure.layers] == [f"h{i}" for i in range(8)] + ["head"]
+    f = report.findings_of("vanishing")[0]
+    assert f.layers[0] == "h0" and f.step == 2
+    assert report.recommendations[0].fix == "relu" and np.isfinite(report.layer("h0").saturation)
+    assert "train_step" not in model.__dict__ and "apply" not in model.optimizer.__dict__
+
+    keras.utils.set_random_seed(0)
+    manual = DeepSigmoid(manual_update=True)  # never calls the optimizer: gradwatch cannot see its updates
+    manual(x[:1])
+    manual.compile(optimizer=keras.optimizers.SGD(0.1))
+    cb = gradwatch.KerasCallback(reporters=[])
+    manual.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[cb])
+    report = cb.report()
+    assert report.collected_steps == 0 and any("apply() never ran" in n for n in report.notes)
+
+
+def test_functional_model_with_skip_connections_and_a_frozen_layer():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((20,))
+    x = keras.layers.Dense(64, activation="relu", kernel_initializer="he_normal", name="stem")(inp)
+    for i in range(4):
+        y = keras.layers.Dense(64, activation="relu", kernel_initializer="he_normal", name=f"b{i}a")(x)
+        y = keras.layers.Dense(64, kernel_initializer="he_normal", name=f"b{i}b")(y)
+        x = keras.layers.Activation("relu")(keras.layers.Add()([x, y]))
+    model = keras.Model(inp, keras.layers.Dense(1, name="head")(x))
+    model.get_layer("b0a").trainable = False
+    report = fit(model, gradwatch.KerasCallback(reporters=[]), opt=keras.optimizers.Adam(1e-3))
+    assert report.healthy, [str(f) for f in report.findings]
+    assert report.structure.residual_adds == 4
+    assert report.layer("b0a").status == "frozen" and report.layer("b1a").status == "ok"
+    assert report.structure.layer("b1a").activation == "relu" and report.structure.layer("b1b").activation is None
 
 
 def test_bad_arguments():
@@ -174,7 +286,24 @@ def run(strategy):
             "fixes": [rec.fix for rec in r.recommendations],
             "head_trend": list(r.layer("head").grad_rms_trend), "wrapped": "apply" in model.optimizer.__dict__}
 
-print(json.dumps([run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])), run(tf.distribute.get_strategy())]))
+def run_rnn(strategy):  # activations and the time probe write per replica, inside tf.cond
+    seq = (rng.standard_normal((256, 60, 4)) * 0.5).astype("float32")
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((60, 4)), keras.layers.SimpleRNN(32, name="rnn"),
+                                  keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.Adam(0.001),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = gradwatch.KerasCallback(reporters=[], strict=True, activation_every=2)
+    model.fit(seq, (seq[:, 0, 0] > 0).astype("int32"), batch_size=64, epochs=2, verbose=0, shuffle=False,
+              callbacks=[cb])
+    r = cb.report()
+    f = r.findings_of("vanishing")
+    return {"decades": f[0].evidence["time_decades"]["rnn"] if f else None,
+            "fixes": [rec.fix for rec in r.recommendations], "saturation": r.layer("rnn").saturation}
+
+strategies = [tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.get_strategy()]
+print(json.dumps([run(s) for s in strategies] + [run_rnn(s) for s in strategies]))
 """
 
 
@@ -185,28 +314,107 @@ def test_mirrored_strategy_reports_the_aggregated_gradients_once():
 
     out = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    mirrored, single = json.loads(out.stdout.strip().splitlines()[-1])
+    mirrored, single, rnn_mirrored, rnn_single = json.loads(out.stdout.strip().splitlines()[-1])
     assert mirrored["replicas"] == 2 and single["replicas"] == 1
     assert mirrored["step"] == mirrored["collected"] == 16  # once per step, not once per replica
     assert mirrored["findings"][0][:2] == ["vanishing", 1] and mirrored["fixes"][0] == "relu"
     # The summed replica gradients are the global batch's gradient: the same figures as on one device.
     np.testing.assert_allclose(mirrored["head_trend"], single["head_trend"], rtol=1e-3)
     assert not mirrored["wrapped"]
+    # Sampled forward figures come from the first replica's half of the batch: close to, not equal to, one device.
+    assert rnn_mirrored["fixes"][0] == rnn_single["fixes"][0] == "gated_rnn"
+    assert rnn_mirrored["decades"] > 2 and abs(rnn_mirrored["decades"] - rnn_single["decades"]) < 0.5
+    assert abs(rnn_mirrored["saturation"] - rnn_single["saturation"]) < 0.1
 
 
-def test_lstm_on_long_memory_is_healthy():
+def long_memory_fit(cell, callbacks, epochs=4, **compile_kw):
+    """A recurrent classifier whose label is the sign of the first of 60 time steps."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((512, 60, 4)) * 0.5).astype("float32")
     y = (x[:, 0, 0] > 0).astype("int32")
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((60, 4)), keras.layers.LSTM(32, name="rnn"), keras.layers.Dense(2)])
-    model.compile(optimizer=keras.optimizers.Adam(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    cb = gradwatch.KerasCallback(reporters=[])
-    model.fit(x, y, batch_size=64, epochs=4, verbose=0, callbacks=[cb])
+    model = keras.Sequential([keras.Input((60, 4)), getattr(keras.layers, cell)(32, name="rnn"),
+                              keras.layers.Dense(2, name="head")])
+    model.compile(optimizer=keras.optimizers.Adam(0.001),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), **compile_kw)
+    history = model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, shuffle=False, callbacks=callbacks)
+    return model, history.history["loss"]
+
+
+@pytest.mark.parametrize("compile_kw", [{}, {"jit_compile": True}])
+def test_simple_rnn_on_long_memory_vanishes_through_time_and_gets_gated_rnn(compile_kw):
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+    model, losses = long_memory_fit("SimpleRNN", [cb], **compile_kw)
     report = cb.report()
-    assert report.healthy and report.step == 32
+    # Measured in fit()'s own backward pass: the input gradient of the first time steps against the last ones.
+    (f,) = report.findings_of("vanishing")
+    assert f.layers == ("rnn",) and f.step == 1 and f.evidence["through_time"]
+    assert f.evidence["time_decades"]["rnn"] > 2
+    rec = report.recommendations[0]
+    assert rec.fix == "gated_rnn" and rec.layers == ("rnn",) and "layers.LSTM(units)" in rec.snippet
+    assert 0 <= report.layer("rnn").saturation < 0.5  # tanh outputs sampled, not saturated
+    assert "call" not in model.get_layer("rnn").__dict__ and "train_step" not in model.__dict__
+    # The probe is an identity with a zero side gradient: training is bit-for-bit the same without gradwatch.
+    unwatched, plain = long_memory_fit("SimpleRNN", [], **compile_kw)
+    assert losses == plain
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), unwatched.get_weights()))
+
+
+def test_simple_rnn_with_recurrent_radius_3_explodes_through_time_and_gets_clipping():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, 30, 4)) * 0.5).astype("float32")
+    model = keras.Sequential([keras.Input((30, 4)), keras.layers.SimpleRNN(
+        32, name="rnn", recurrent_initializer=keras.initializers.Orthogonal(gain=3.0)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+    model.fit(x, (x[:, 0, 0] > 0).astype("int32"), batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+    report = cb.report()
+    assert report.structure.layer("rnn").recurrent_radius == pytest.approx(3.0, rel=1e-3)
+    (f,) = report.findings_of("exploding")
+    assert f.step == 1 and f.layers == ("rnn",) and f.evidence["time_decades"]["rnn"] < -2
+    # One update later the tanh units are pinned at +-1 and the gradient through time is gone: both are shown.
+    assert report.layer("rnn").saturation > 0.5 and report.findings_of("vanishing")
+    rec = report.recommendations[0]
+    assert rec.fix == "gradient_clipping" and "clipnorm=1" in rec.snippet and "orthogonal" in rec.snippet
+
+
+def test_lstm_on_long_memory_is_healthy():
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+    _, _ = long_memory_fit("LSTM", [cb])
+    report = cb.report()
+    assert report.healthy and report.step == 32, [str(f) for f in report.findings]
     assert report.structure.layers[0].recurrent_cell == "lstm"
+    assert np.isfinite(report.layer("rnn").activation_rms)  # sampled, and judged healthy: a gated cell
+
+
+def test_saturation_and_dead_units_are_sampled_in_fit():
+    """Activations from Dense(activation=...) and from separate Activation / ReLU layers, sampled in fit()."""
+    keras.utils.set_random_seed(0)
+    big = keras.initializers.RandomNormal(stddev=2.0)  # pre-activations of std ~9: sigmoid pinned at 0 or 1
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, activation="sigmoid", kernel_initializer=big,
+                                                                     name="d0"),
+                              keras.layers.Dense(64, kernel_initializer=big, name="d1"),
+                              keras.layers.Activation("sigmoid"), keras.layers.Dense(1, name="head")])
+    report = fit(model, gradwatch.KerasCallback(reporters=[], activation_every=2), lr=0.01)
+    assert report.layer("d0").saturation > 0.5 and report.layer("d1").saturation > 0.5
+    (f,) = report.findings_of("saturation")
+    assert set(f.layers) == {"d0", "d1"}
+
+    keras.utils.set_random_seed(0)
+    dense = [keras.layers.Dense(64, activation="relu", kernel_initializer="he_normal", name=f"d{i}")
+             for i in range(4)]
+    model = keras.Sequential([keras.Input((20,)), dense[0], dense[1],
+                              keras.layers.Dense(64, kernel_initializer="he_normal", name="off",
+                                                 bias_initializer=keras.initializers.Constant(-100.0)),
+                              keras.layers.ReLU(), dense[2], keras.layers.Dense(1, name="head")])
+    report = fit(model, gradwatch.KerasCallback(reporters=[], activation_every=2), lr=0.01)
+    assert report.layer("off").dead_fraction == 1.0 and report.layer("d0").dead_fraction < 0.5
+    (f,) = report.findings_of("dead_units")
+    assert f.layers[0] == "off"  # and the ReLU after it, which only ever receives those zeros
+    leaky = next(r for r in report.recommendations if r.fix == "leaky_relu")
+    assert "off" in leaky.layers and "LeakyReLU" in leaky.snippet
 
 
 def test_keras_run_log_and_wandb(tmp_path):

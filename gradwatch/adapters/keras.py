@@ -7,12 +7,21 @@ the graph (the Python runs once, at trace time) and writes one row per step into
 the callback reads every ``flush_every`` batches. No extra forward or backward pass.
 
 With a ``LossScaleOptimizer`` the wrapper sits on the inner optimizer, which only sees unscaled gradients of
-the steps actually applied. :meth:`KerasAdapter.uninstall` removes the wrapper and resets the cached train
-function, so the model saves, reloads and fits again exactly as without gradwatch.
+the steps actually applied.
+
+Activations are sampled inside the same compiled step: an instance-level wrapper of ``model.train_step`` marks
+the trace, and instance-level wrappers of the ``call`` of the layers that end in an activation add, on sampled
+steps only (a ``tf.cond``), the saturation, dead-unit, RMS and non-finite figures of their output. For recurrent
+layers an identity with a custom gradient on the layer's input reads the gradient of each time step's input in
+the real backward pass (how fast it fades toward the start of the sequence). :meth:`KerasAdapter.uninstall`
+removes every wrapper and resets the cached train function, so the model saves, reloads and fits again exactly
+as without gradwatch.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +45,13 @@ _TRANSPARENT = {"Dropout", "Flatten", "Reshape", "MaxPooling1D", "MaxPooling2D",
                 "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "SpatialDropout2D",
                 "InputLayer"}
 _RING = 256  # rows the device ring holds; the callback flushes long before it wraps
+_ACT_RING = 32  # activation samples the device holds between flushes
+_DEAD_ACTS = ("relu", "relu6")
+_ACT_COLS = 6  # saturation, dead, rms, non-finite, time decades at a recurrent layer's input, at its output
+_TIME_IN, _TIME_OUT = 4, 5
+# Saturation read from an activation's output: within 1% of the asymptotes, as the PyTorch adapter's logit
+# thresholds (|logit| > log 99 for sigmoid, |x| > atanh 0.99 for tanh).
+_SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99)}
 
 
 def _act_name(fn: Any) -> str | None:
@@ -65,11 +81,13 @@ class KerasAdapter(Adapter):
         sink: The watcher.
         model: The model. It must be compiled before training starts (the optimizer is read then).
         update_every: Measure the update ratio every N steps (one copy of the weights on those steps).
+        activation_every: Sample activations (and recurrent layers' gradients through time) on step 1 and every
+            N steps; ``0`` turns sampling off.
     """
 
     framework = "keras"
 
-    def __init__(self, sink: Sink, model: Any, *, update_every: int = 10) -> None:
+    def __init__(self, sink: Sink, model: Any, *, update_every: int = 10, activation_every: int = 25) -> None:
         super().__init__(sink)
         import keras
 
@@ -86,6 +104,16 @@ class KerasAdapter(Adapter):
         self._acc = None
         self._count = None
         self._notes: list[str] = []
+        self.activation_every = activation_every
+        self._act_targets: list[_ActTarget] = []
+        self._wrapped: list[Any] = []  # objects holding an instance-level gradwatch wrapper
+        self._act_count = None
+        self._read_acts = 0
+        self._local = threading.local()  # .trace: (sample?, ring slot) while train_step is being traced
+        self._pending = False  # waiting for fit() to build the model
+        self._batches = 0
+        self._step_at_install = 0
+        self._silent_noted = False
 
     @property
     def model_type(self) -> str:
@@ -93,9 +121,13 @@ class KerasAdapter(Adapter):
 
     # -- install -------------------------------------------------------------------------------------------
 
-    def install(self) -> None:
-        """Wrap the optimizer's ``apply`` (before ``fit()`` traces) and build the table. Idempotent."""
-        import keras
+    def install(self, *, defer_unbuilt: bool = False) -> None:
+        """Wrap the optimizer's ``apply`` (before ``fit()`` traces) and build the table. Idempotent.
+
+        Args:
+            defer_unbuilt: For the callback: a model that ``fit()`` only builds in its first step (a subclassed
+                model with its own ``train_step``) is watched from the step after it is built.
+        """
         import tensorflow as tf
 
         model = self.model
@@ -103,14 +135,18 @@ class KerasAdapter(Adapter):
         if opt is None:
             raise AttachError(f"{type(model).__name__} is not compiled: call model.compile(optimizer=..., loss=...) "
                               "before fit() so gradwatch can watch the optimizer's gradients.")
-        if not model.built:
-            raise AttachError(f"{type(model).__name__} is not built yet: build it (call it on data, or give it an "
-                              "Input) before fit().")
+        if not model.built or not model.weights:
+            if defer_unbuilt:
+                self._pending = True
+                return
+            raise AttachError(f"{type(model).__name__} is not built yet (it has no weights): call it on a batch "
+                              "first, e.g. model(x[:1]), or give it a keras.Input.")
         inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer: unscaled gradients, applied steps only
         if self._installed_on is inner and "apply" in inner.__dict__:
             return
         outer = opt if inner is not opt else None
         self._build_table()
+        self._step_at_install = self._step
         p = self._table.n_params
         strategy = model.distribute_strategy
         with strategy.scope():
@@ -132,10 +168,12 @@ class KerasAdapter(Adapter):
         original = type(inner).apply
         nan = float("nan")
 
-        def apply(grads, trainable_variables=None):
+        adapter = self
+
+        def measure_grads(grads, trainable_variables):
+            """Before the update: gradient statistics and, on measure steps, a copy of the weights."""
             variables = list(trainable_variables) if trainable_variables is not None else \
                 list(inner._trainable_variables)
-            grads = list(grads)
             pos = [index.get(id(getattr(v, "_gradwatch_source", v))) for v in variables]
             # Under a distribution strategy, apply() runs per replica on the replica's own gradients; the optimizer
             # sums them later. Judge the summed gradient, once: one extra all-reduce on gradwatch's account.
@@ -165,8 +203,10 @@ class KerasAdapter(Adapter):
             watched = [(v, i) for v, i in zip(variables, pos) if i is not None]
             before = [tf.cond(measure, lambda v=v: tf.identity(tf.cast(v, tf.float32)),
                               lambda v=v: tf.zeros(tf.shape(v), tf.float32)) for v, _ in watched]
-            result = original(inner, grads, trainable_variables)
-            rows = []
+            return cols_g, measure, watched, before
+
+        def record(cols_g, measure, watched, before):
+            """After the update: update ratios on measure steps, and the step's row into the ring."""
             nan_t = tf.constant(nan, tf.float32)
 
             def norms():
@@ -178,21 +218,33 @@ class KerasAdapter(Adapter):
             wcols: list[Any] = [(nan_t, nan_t)] * p
             for k, (_, i) in enumerate(watched):
                 wcols[i] = (measured[k, 0], measured[k, 1])
+            rows = []
             for i in range(p):
                 g = cols_g[i] if cols_g[i] is not None else (nan_t, nan_t, nan_t)
                 rows.append(tf.stack([g[0], g[1], g[2], wcols[i][0], wcols[i][1]]))
-            row = tf.stack(rows)
             slot = [[count % _RING]]
-            step_id = total if outer is not None else count + 1
-            if replicas > 1:  # mirrored variables take no scatter in a replica context; assign the whole ring
-                acc.assign(tf.tensor_scatter_nd_update(acc, slot, [row]))
-                step_ring.assign(tf.tensor_scatter_nd_update(step_ring, slot, [step_id]))
-            else:
-                acc.scatter_nd_update(slot, [row])
-                step_ring.scatter_nd_update(slot, [step_id])
+            step_id = total if outer is not None else total + 1  # the outer apply counted this step already
+            _write(acc, slot, [tf.stack(rows)])
+            _write(step_ring, slot, [step_id])
             count.assign_add(1)
             if outer is None:
                 total.assign_add(1)
+
+        def apply(grads, trainable_variables=None):
+            # Runs at trace time. A failure here must not reach fit(): the step is traced without gradwatch.
+            grads = list(grads)
+            state = None
+            if adapter.active:
+                try:
+                    state = measure_grads(grads, trainable_variables)
+                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
+                    adapter.sink.on_error(exc, "Keras optimizer.apply")
+            result = original(inner, grads, trainable_variables)
+            if state is not None and adapter.active:
+                try:
+                    record(*state)
+                except Exception as exc:  # noqa: BLE001
+                    adapter.sink.on_error(exc, "Keras optimizer.apply")
             return result
 
         apply.__gradwatch__ = True  # type: ignore[attr-defined]
@@ -201,22 +253,139 @@ class KerasAdapter(Adapter):
             outer_original = type(outer).apply
 
             def outer_apply(grads, trainable_variables=None):
-                total.assign_add(1)  # every step, applied or skipped for overflow
+                if adapter.active:
+                    total.assign_add(1)  # every step, applied or skipped for overflow
                 return outer_original(outer, grads, trainable_variables)
 
             outer_apply.__gradwatch__ = True  # type: ignore[attr-defined]
             outer.apply = outer_apply
         self._outer = outer
         self._installed_on = inner
+        self._wrapped += [inner] + ([outer] if outer is not None else [])
+        if self.activation_every and self._act_targets:
+            self._install_activations()
         # fit() makes its train function before on_train_begin: re-make it so the traced step holds the wrapper.
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
 
+    def _install_activations(self) -> None:
+        """Wrap ``model.train_step`` (marks the trace, picks sampled steps) and the ``call`` of watched layers."""
+        import tensorflow as tf
+
+        model = self.model
+        if "train_step" in model.__dict__:
+            self._notes.append("Activations are not sampled: model.train_step is already replaced on the instance.")
+            return
+        n_layers = self._table.n_layers
+        nan = float("nan")
+        with model.distribute_strategy.scope():
+            # Written inside tf.cond, where a mirrored variable would need a cross-replica merge: each replica
+            # keeps its own copy (its share of the batch) and reading outside the step gives the first replica's.
+            kw = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                      synchronization=tf.VariableSynchronization.ON_READ)
+            ring = tf.Variable(tf.fill([_ACT_RING, n_layers, _ACT_COLS], nan), name="gradwatch_activations", **kw)
+            steps = tf.Variable(tf.zeros([_ACT_RING], tf.int64), name="gradwatch_activation_steps", **kw)
+            count = tf.Variable(tf.constant(self._read_acts, tf.int64), name="gradwatch_activation_count", **kw)
+        self._act_ring, self._act_steps, self._act_count = ring, steps, count
+        total, every, adapter = self._total, self.activation_every, self
+        original_step = model.train_step
+
+        def begin_sample():
+            step = tf.cast(total.read_value(), tf.int64) + 1  # `total` counts the steps already finished
+            sample = tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
+            slot = count.read_value() % _ACT_RING
+
+            def begin():
+                _write(ring, [[slot]], [tf.fill([n_layers, _ACT_COLS], nan)])
+                _write(steps, [[slot]], [step])
+                return tf.constant(True)
+
+            return tf.cond(sample, begin, lambda: tf.constant(False)), slot
+
+        def train_step(*args, **kwargs):
+            trace = None
+            if adapter.active:
+                try:
+                    trace = begin_sample()
+                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
+                    adapter.sink.on_error(exc, "Keras train_step")
+            # Per thread: MirroredStrategy traces each replica's step in a thread of its own.
+            adapter._local.trace = trace
+            try:
+                out = original_step(*args, **kwargs)
+            finally:
+                adapter._local.trace = None
+            if trace is not None and adapter.active:
+                count.assign_add(tf.cast(trace[0], tf.int64))
+            return out
+
+        train_step.__gradwatch__ = True  # type: ignore[attr-defined]
+        model.__dict__["train_step"] = train_step
+        self._wrapped.append(model)
+        for target in self._act_targets:
+            if "call" in target.layer.__dict__:
+                self._notes.append(f"Activations of {target.layer.name} are not sampled: its call() is already "
+                                   "replaced on the instance.")
+                continue
+            target.layer.__dict__["call"] = self._wrap_call(target, ring)
+            self._wrapped.append(target.layer)
+
+    def _wrap_call(self, target: _ActTarget, ring: Any):
+        import tensorflow as tf
+
+        original = target.layer.call
+        adapter = self
+
+        def call(*args, **kwargs):
+            trace = getattr(adapter._local, "trace", None)
+            if trace is None or not adapter.active:  # inference, evaluation, symbolic calls: untouched
+                return original(*args, **kwargs)
+            sample, slot = trace
+            out = None
+            if target.time and args and isinstance(args[0], tf.Tensor) and args[0].shape.rank == 3:
+                try:
+                    # The probe makes the backward pass compute the input's gradient at every time step, which
+                    # a first-layer RNN otherwise skips (+13% a step on a small SimpleRNN, measured): only
+                    # sampled steps take the probed branch; the others run the layer as it is.
+                    # Under XLA a recurrent layer inside a cond does not compile: there the probe runs on every
+                    # step and only its record is sampled.
+                    if getattr(adapter.model, "jit_compile", False):
+                        out = _probed_call(original, args, kwargs, target, ring, sample, slot, gate=True)
+                    else:
+                        out = tf.cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
+                                      lambda: original(*args, **kwargs))
+                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict); the call goes on
+                    adapter.sink.on_error(exc, f"Keras activations of {target.layer.name}")
+            if out is None:
+                out = original(*args, **kwargs)
+            if adapter.active:
+                try:
+                    y = out[0] if isinstance(out, (list, tuple)) else out
+                    if isinstance(y, tf.Tensor) and y.dtype.is_floating:
+                        def write():
+                            _write(ring, [[slot, target.index, k] for k in range(4)], _activation_stats(y, target))
+                            return tf.constant(True)
+
+                        tf.cond(sample, write, lambda: tf.constant(False))
+                except Exception as exc:  # noqa: BLE001
+                    adapter.sink.on_error(exc, f"Keras activations of {target.layer.name}")
+            return out
+
+        call.__gradwatch__ = True  # type: ignore[attr-defined]
+        return call
+
     def uninstall(self) -> None:
-        for opt in (self._installed_on, self._outer):
-            if opt is not None and getattr(opt.__dict__.get("apply"), "__gradwatch__", False):
-                del opt.__dict__["apply"]
-                self.model.train_function = None  # drop the traced step that holds the wrapper
+        removed = False
+        for obj in self._wrapped:
+            for attr in ("apply", "train_step", "call"):
+                if getattr(obj.__dict__.get(attr), "__gradwatch__", False):
+                    del obj.__dict__[attr]
+                    removed = True
+        if removed and getattr(self.model, "train_function", None) is not None:
+            # A fresh, untraced train function without the wrappers. Not None: fit() calls train_function on
+            # every step, and an internal error can detach gradwatch in the middle of a fit().
+            self.model.make_train_function(force=True)
+        self._wrapped.clear()
         self._installed_on = self._outer = None
 
     def detach(self) -> None:
@@ -240,8 +409,9 @@ class KerasAdapter(Adapter):
         self._vars = []
         infos = []
         for layer, all_vars in layers:
+            # A frozen layer's weights are listed (as frozen), its running statistics and seeds are not.
             params = [v for v in all_vars if getattr(v, "trainable", False) or id(v) in trainable_ids or
-                      (not layer.trainable and v in layer.weights and _is_param(v))]
+                      (not layer.trainable and _is_param(v))]
             if not params:
                 continue
             li = len(names)
@@ -272,10 +442,12 @@ class KerasAdapter(Adapter):
         leaves = _leaves(model)
         order = {id(layer): k for k, layer in enumerate(leaves)}
         out = []
+        self._act_targets = []
         for idx, (layer, kind) in enumerate(infos):
             tname = type(layer).__name__
             act = _act_name(getattr(layer, "activation", None))
             source = "argument" if act else None
+            act_layer = layer if act else None
             normalized = False
             if kind not in ("norm",) and act is None:
                 for nxt in leaves[order[id(layer)] + 1:order[id(layer)] + 5]:
@@ -283,6 +455,7 @@ class KerasAdapter(Adapter):
                     if nt in _ACT_LAYERS or nt == "Activation":
                         act = _ACT_LAYERS.get(nt) or _act_name(getattr(nxt, "activation", None))
                         source = "module"
+                        act_layer = nxt
                         break
                     if _KIND.get(nt) == "norm":
                         normalized = True
@@ -309,6 +482,15 @@ class KerasAdapter(Adapter):
                 else:
                     act = None
             init = getattr(layer, "kernel_initializer", None)
+            recurrent = tname in ("SimpleRNN", "LSTM", "GRU")
+            watched = act in _SATURATION or act in _DEAD_ACTS
+            if recurrent or (watched and act_layer is not None):
+                trainable = list(layer.trainable_weights)
+                self._act_targets.append(_ActTarget(
+                    layer=layer if recurrent else act_layer, index=idx, activation=act if watched else None,
+                    channels_first=getattr(layer, "data_format", None) == "channels_first",
+                    time=recurrent and bool(trainable), backwards=bool(getattr(layer, "go_backwards", False)),
+                    anchor=min(trainable, key=lambda v: int(np.prod(v.shape))) if trainable else None))
             out.append(LayerInfo(name=layer.name, type=tname, kind=kind, index=idx, fan_in=fan_in, fan_out=fan_out,
                                  activation=act, activation_source=source, weight_std=std, normalized=normalized,
                                  recurrent_cell=cell, recurrent_radius=radius,
@@ -320,8 +502,26 @@ class KerasAdapter(Adapter):
 
     # -- steps and drain -----------------------------------------------------------------------------------
 
-    def on_batch_end(self) -> None:
-        """Called by the callback after each batch (or each group of ``steps_per_execution`` batches)."""
+    def on_batch_end(self, batch: int = 0) -> None:
+        """Called by the callback after each batch (or each group of ``steps_per_execution`` batches).
+
+        Args:
+            batch: Keras' index, within the epoch, of the batch that just ended.
+        """
+        self._batches += 1
+        if self._pending:
+            if not (self.model.built and self.model.weights):
+                return
+            # Built by its first step(s): wrap now; fit() re-traces its next step with the wrappers.
+            self._pending = False
+            self._step = batch + 1
+            self._notes.append(f"{type(self.model).__name__} was built by fit()'s first step, so gradwatch watches "
+                               f"from step {self._step + 1}; build it before fit() (model(x[:1])) to see step 1.")
+            try:
+                self.install()
+            except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
+                self.sink.on_error(exc, "Keras install after the first step")
+            return
         if self._count is None:
             return
         self.sink.on_step(self._step + 1)
@@ -333,6 +533,11 @@ class KerasAdapter(Adapter):
         total = int(self._total.numpy())
         new = count - self._read_applied
         if total <= self._step:
+            if total == self._step_at_install and self._batches >= 2 and not self._silent_noted:
+                self._silent_noted = True
+                self._notes.append(f"fit() ran {self._batches} batches but the optimizer's apply() never ran: a "
+                                   "custom train_step that updates the weights itself (not through "
+                                   "optimizer.apply or apply_gradients) cannot be watched.")
             return None, None
         if new > _RING:
             self._notes.append(f"{new - _RING} steps were not read before the ring wrapped; use a smaller "
@@ -350,9 +555,137 @@ class KerasAdapter(Adapter):
         skipped = ~np.isin(steps, applied[keep])
         self._read_applied = count
         self._step = total
-        return StepBatch(steps=steps, values=full, skipped=skipped), None
+        return StepBatch(steps=steps, values=full, skipped=skipped), self._drain_activations()
+
+    def _drain_activations(self) -> ActivationRows | None:
+        if self._act_count is None:
+            return None
+        count = int(self._act_count.numpy())
+        new = count - self._read_acts
+        if new <= 0:
+            return None
+        if new > _ACT_RING:
+            self._notes.append(f"{new - _ACT_RING} activation samples were overwritten before a flush read them; "
+                               "use a smaller flush_every or a larger activation_every.")
+            self._read_acts, new = count - _ACT_RING, _ACT_RING
+        idx = [(self._read_acts + k) % _ACT_RING for k in range(new)]
+        values = self._act_ring.numpy()[idx].astype(np.float64)
+        steps = self._act_steps.numpy()[idx].astype(np.int64)
+        self._read_acts = count
+        into, out = values[..., _TIME_IN], values[..., _TIME_OUT]
+        # A layer that returns sequences: the fading through time it adds to what its output receives.
+        with np.errstate(invalid="ignore"):
+            time = np.where(np.isfinite(out) & np.isfinite(into), into - out, into)
+        return ActivationRows(steps=steps, saturation=values[..., 0], dead=values[..., 1], rms=values[..., 2],
+                              nonfinite=values[..., 3], time_decades=time)
 
 
+
+@dataclass(eq=False)
+class _ActTarget:
+    """A layer whose output is sampled: the output of ``activation`` for table layer ``index``."""
+
+    layer: Any
+    index: int
+    activation: str | None
+    channels_first: bool = False
+    time: bool = False  # a recurrent layer: also read its input gradient per time step
+    backwards: bool = False  # go_backwards: the sequence is read from its end
+    anchor: Any = None  # a trainable variable of the layer that ties the time probe into the backward pass
+
+
+def _write(var, indices, updates) -> Any:
+    """Scatter into a gradwatch variable (distributed variables take no scatter in a replica context)."""
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        return var.assign(tf.tensor_scatter_nd_update(var, indices, updates))
+    return var.scatter_nd_update(indices, updates)
+
+
+def _activation_stats(y, target: _ActTarget):
+    """``[saturation, dead, rms, nonfinite]`` of one activation output, in the graph."""
+    import tensorflow as tf
+
+    y = tf.cast(y, tf.float32)
+    nan = tf.constant(float("nan"))
+    rms = tf.sqrt(tf.reduce_mean(tf.square(y)))
+    nonfinite = tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(y)), tf.float32))
+    act = target.activation
+    sat = nan
+    if act in _SATURATION:
+        lo, hi = _SATURATION[act]
+        sat = tf.reduce_mean(tf.cast(tf.logical_or(y < lo, y > hi), tf.float32))
+    dead = nan
+    rank = y.shape.rank
+    if act in _DEAD_ACTS and rank is not None and rank >= 2:
+        if target.channels_first and rank > 2:
+            y = tf.transpose(y, [0] + list(range(2, rank)) + [1])
+        units = tf.reshape(y, [-1, tf.shape(y)[-1]])
+        dead = tf.reduce_mean(tf.cast(tf.logical_not(tf.reduce_any(units > 0, axis=0)), tf.float32))
+    return tf.stack([sat, dead, rms, nonfinite])
+
+
+def _probed_call(original, args, kwargs, target: _ActTarget, ring, sample, slot, gate: bool = False):
+    """The recurrent layer's call with time probes on its input and, for ``return_sequences``, its output.
+
+    Runs as a ``tf.cond`` branch, or with ``gate`` on every step (the probes then record on sampled steps only).
+    The probes' gradients write to the ring through its handle as captured here: a gradient of a cond branch
+    cannot capture the (eager) variable handle itself.
+    """
+    import tensorflow as tf
+
+    handle = tf.compat.v1.get_default_graph().capture(ring.handle)
+    out = original(_time_probe(args[0], target, handle, sample, slot, _TIME_IN, gate), *args[1:], **kwargs)
+    y = out[0] if isinstance(out, (list, tuple)) else out
+    if hasattr(y, "shape") and y.shape.rank == 3:
+        # return_sequences: the loss reaches every time step of the output, so the profile the layer receives is
+        # measured too, and only the fading the layer adds is judged.
+        y = _time_probe(y, target, handle, sample, slot, _TIME_OUT, gate)
+        out = [y, *out[1:]] if isinstance(out, list) else (y, *out[1:]) if isinstance(out, tuple) else y
+    return out
+
+
+def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: bool):
+    """``x`` (``(batch, time, features)``) unchanged, with a gradient that records, in column ``col``, how the
+    loss gradient fades from the last time step to the first: log10(last / first), edges of 10% averaged.
+
+    The identity also takes a (tiny) trainable variable of the layer, so the backward pass that ``fit()`` runs
+    for the weights reaches it even when ``x`` is the model's input; its gradient to that variable is zero.
+    """
+    import tensorflow as tf
+
+    anchor = tf.reshape(tf.cast(target.anchor.value, tf.float32), [-1])[:1]
+    li = target.index
+
+    def record(dy):
+        per_t = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(dy, tf.float32)), axis=[0, 2]))
+        n = tf.shape(per_t)[0]
+        edge = tf.maximum(1, n // 10)
+        first, last = tf.reduce_mean(per_t[:edge]), tf.reduce_mean(per_t[n - edge:])
+        if target.backwards:
+            first, last = last, first
+        inf, nan = tf.constant(float("inf")), tf.constant(float("nan"))
+        dec = tf.where(tf.logical_and(first > 0, last > 0), tf.math.log(last / first) / tf.math.log(10.0),
+                       tf.where(last > 0, inf, nan))
+        index = tf.reshape(tf.stack([tf.cast(slot, tf.int64), tf.constant(li, tf.int64), tf.constant(col, tf.int64)]),
+                           [1, 3])
+        # The raw op on the (replica-local) handle: no cross-replica merge, allowed inside a cond.
+        op = tf.raw_ops.ResourceScatterNdUpdate(ref=handle, indices=index, updates=[tf.where(n >= 4, dec, nan)])
+        with tf.control_dependencies([op]):
+            return tf.constant(True)
+
+    @tf.custom_gradient
+    def probe(x, a):
+        def grad(dy):
+            done = tf.cond(sample, lambda: record(dy), lambda: tf.constant(False)) if gate else record(dy)
+            with tf.control_dependencies([done]):
+                return tf.identity(dy), tf.zeros_like(a)
+
+        return tf.identity(x), grad
+
+    return probe(x, anchor)
 
 
 def _is_param(v) -> bool:

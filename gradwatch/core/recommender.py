@@ -331,8 +331,12 @@ class _Snippets:
     def relu(self, layers: list[LayerInfo]) -> str:
         names = self._names(layers)
         if self.keras:
-            return (f"# layers {names}: use ReLU with He initialization\n"
-                    "layers.Dense(units, activation=\"relu\", kernel_initializer=\"he_normal\")")
+            lines = [f"# layers {names}: use ReLU with He initialization",
+                     "layers.Dense(units, activation=\"relu\", kernel_initializer=\"he_normal\")"]
+            if any(la.activation_source == "module" for la in layers):
+                lines.append(f"# where the activation is its own layer:\nlayers.Activation(\"{layers[0].activation}\")"
+                             "   ->   layers.ReLU()")
+            return "\n".join(lines)
         functional = any(la.activation_source == "functional" for la in layers)
         act = layers[0].activation
         lines = [f"# after layers {names}:"]
@@ -413,5 +417,10 @@ class _Snippets:
     def leaky(self, layers: list[LayerInfo]) -> str:
         names = self._names(layers)
         if self.keras:
-            return f"# layers {names}:\nlayers.Dense(units, activation=\"leaky_relu\", kernel_initializer=\"he_normal\")"
+            code = (f"# layers {names}:\n"
+                    "layers.Dense(units, activation=\"leaky_relu\", kernel_initializer=\"he_normal\")")
+            if any(la.activation_source == "module" for la in layers):
+                code += ("\n# where the activation is its own layer:\n"
+                         "layers.ReLU()   ->   layers.LeakyReLU(negative_slope=0.01)")
+            return code
         return f"# after layers {names}:\nnn.ReLU()   ->   nn.LeakyReLU(0.01)"

@@ -3,7 +3,7 @@ would otherwise pick, measured in one process with the variants interleaved.
 
 PyTorch: a 20-layer MLP, a small ResNet, a small transformer encoder and a 2-layer LSTM on CPU, each plain,
 with ``gradwatch.attach(model, opt, reporters=[])`` and with ``wandb.watch(model, log="gradients",
-log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP and a small CNN, ``fit()`` plain, with
+log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP, a small CNN and a SimpleRNN, ``fit()`` plain, with
 ``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras] [--rounds 7]
@@ -96,7 +96,7 @@ def bench_torch(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
     return out
 
 
-def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
+def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict[str, float]]]:
     import keras
     import numpy as np
 
@@ -116,6 +116,11 @@ def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
         return m, np.random.randn(32 * steps, 32, 32, 3).astype("float32"), \
             np.random.randint(0, 2, (32 * steps,)), "sparse_categorical_crossentropy", 32
 
+    def rnn():  # the time probe makes fit() compute the input gradient of a first-layer RNN on every step
+        m = keras.Sequential([keras.Input((60, 8)), keras.layers.SimpleRNN(128), keras.layers.Dense(2)])
+        return m, np.random.randn(64 * steps, 60, 8).astype("float32"), \
+            np.random.randint(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
+
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -128,11 +133,16 @@ def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
             self.epochs.append(time.perf_counter() - self.t0)
 
     out = []
-    for name, make in {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn}.items():
+    for name, make in {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn,
+                       "Keras SimpleRNN, 60 steps": rnn}.items():
+        if only.lower() not in name.lower():
+            continue
         model, x, y, loss, bs = make()
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
         model.fit(x[:bs * 3], y[:bs * 3], batch_size=bs, verbose=0)
-        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "TensorBoard(histogram_freq=1)": []}
+        # "gradwatch, activation_every=0" isolates what the activation sampling and the RNN time probe cost.
+        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "gradwatch, activation_every=0": [],
+                                         "TensorBoard(histogram_freq=1)": []}
         startup: dict[str, list[float]] = {k: [] for k in times}
         names = list(times)
         for r in range(rounds):
@@ -143,6 +153,8 @@ def bench_keras(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
                 cbs = [timer]
                 if variant == "gradwatch":
                     cbs.insert(0, gradwatch.KerasCallback(reporters=[]))
+                elif variant.startswith("gradwatch,"):
+                    cbs.insert(0, gradwatch.KerasCallback(reporters=[], activation_every=0))
                 elif variant.startswith("TensorBoard"):
                     cbs.insert(0, keras.callbacks.TensorBoard(log_dir=tempfile.mkdtemp(), histogram_freq=1))
                 # Steady state: the second epoch, from its start to the end of every callback's on_epoch_end
@@ -180,6 +192,7 @@ def main() -> None:
     ap.add_argument("--keras", action="store_true", help="Keras models")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
+    ap.add_argument("--only", default="", help="Keras: only the models whose name contains this (e.g. CNN)")
     args = ap.parse_args()
     if not args.torch and not args.keras:
         args.torch = True
@@ -188,7 +201,7 @@ def main() -> None:
 
         print(table(bench_torch(args.rounds, args.steps)))
     if args.keras:
-        print(table(bench_keras(args.rounds, args.steps)))
+        print(table(bench_keras(args.rounds, args.steps, args.only)))
 
 
 if __name__ == "__main__":
