@@ -101,7 +101,8 @@ def pick_fix(report, fix: str):
     chosen = next((r for r in report.recommendations if r.fix == fix), None)
     if chosen is None:
         sys.exit(f"gradwatch did not recommend {fix!r}")
-    print(f"\nApplying {fix}: {chosen.reason}\n  code:\n" + "\n".join("    " + ln for ln in chosen.snippet.splitlines()))
+    code = "\n".join("    " + ln for ln in chosen.snippet.splitlines())
+    print(f"\nApplying {fix}: {chosen.reason}\n  code:\n" + code)
     return chosen
 
 

@@ -7,7 +7,6 @@ ranked fixes. Then the first fix (ReLU with He init) is applied and the same tra
 Run: python examples/quickstart.py
 """
 
-import math
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ def train(model, steps=300, lr=0.05):
     x, y = make_data()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     with gradwatch.attach(model, opt) as gw:          # the one line gradwatch needs
-        for step in range(steps):
+        for _ in range(steps):
             idx = torch.randint(0, len(x), (128,))
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x[idx]), y[idx])

@@ -16,21 +16,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gradwatch._watcher import Watcher, WatchOptions
-from gradwatch.core.detector import Thresholds
+from gradwatch._watcher import Watcher
+from gradwatch.core.checks import Thresholds
 from gradwatch.core.report import Finding, LayerSummary, ParamSummary, Recommendation, Report
 from gradwatch.core.structure import LayerInfo, Structure
 from gradwatch.errors import AttachError, GradwatchError, LogError, MonitoringError, WatcherStateError
-from gradwatch.reporters.base import Reporter
+from gradwatch.options import WatchOptions
+from gradwatch.reporters import ConsoleReporter, Flush, Reporter, RunLogWriter, WatchInfo
 
 if TYPE_CHECKING:
     from gradwatch.integrations.keras import KerasCallback
+    from gradwatch.reporters.wandb import WandbReporter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttachError",
+    "ConsoleReporter",
     "Finding",
+    "Flush",
     "GradwatchError",
     "KerasCallback",
     "LayerInfo",
@@ -41,8 +45,11 @@ __all__ = [
     "Recommendation",
     "Report",
     "Reporter",
+    "RunLogWriter",
     "Structure",
     "Thresholds",
+    "WandbReporter",
+    "WatchInfo",
     "WatchOptions",
     "Watcher",
     "WatcherStateError",
@@ -50,6 +57,9 @@ __all__ = [
     "attach",
     "load",
 ]
+
+#: Names loaded on first use (``__getattr__``), so that ``import gradwatch`` imports no framework (Keras, W&B).
+_LAZY = ("KerasCallback", "WandbReporter")
 
 
 def attach(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
@@ -79,23 +89,9 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
         ...
         ValueError: every must be an int >= 1, received every=0
     """
-    from gradwatch.adapters import framework_of
+    from gradwatch.adapters import adapter_for
 
-    kind = framework_of(model)
-    if kind == "torch":
-        scaler = options.pop("scaler", None)
-        opts = WatchOptions.parse(options, extra=("scaler",))
-
-        def make(sink):
-            from gradwatch.adapters.torch import TorchAdapter
-
-            return TorchAdapter(sink, model, optimizer, scaler=scaler, every=opts.every,
-                                update_every=opts.update_every, activation_every=opts.activation_every)
-
-        return Watcher(model, make, opts)
-    from gradwatch.integrations.keras import attach_keras
-
-    return attach_keras(model, optimizer, **options)
+    return Watcher.start(adapter_for(model), model, optimizer, options)
 
 
 def load(log_dir: Any) -> Report:
@@ -114,4 +110,12 @@ def __getattr__(name: str) -> Any:
         from gradwatch.integrations.keras import KerasCallback
 
         return KerasCallback
+    if name == "WandbReporter":
+        from gradwatch.reporters.wandb import WandbReporter
+
+        return WandbReporter
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -4,22 +4,22 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from gradwatch.core.detector import ActivationRows, Detector, Thresholds
+from gradwatch.adapters.base import Adapter
+from gradwatch.core.detector import Detector
 from gradwatch.core.report import Finding, Report
-from gradwatch.core.stats import History, StepBatch
+from gradwatch.core.stats import ActivationRows, History
 from gradwatch.core.summarize import Verdicts, build_report
 from gradwatch.errors import AttachError, MonitoringError
-from gradwatch.reporters.base import Reporter
+from gradwatch.options import WatchOptions
+from gradwatch.reporters import Flush, Reporter, RunLogWriter, WatchInfo, make_reporter
 
-__all__ = ["WatchOptions", "Watcher"]
+__all__ = ["WatchOptions", "Watcher"]  # WatchOptions lives in gradwatch.options; this path keeps working
 
 log = logging.getLogger(__name__)
 
@@ -27,102 +27,9 @@ log = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}, received {name}={value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, received {name}={value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WatchOptions:
-    """Keyword options of :func:`gradwatch.attach` and :class:`gradwatch.KerasCallback`.
-
-    Args:
-        reporters: Where findings and summaries go: ``"console"``, ``"wandb"`` or :class:`Reporter` instances.
-            ``[]`` is silent. Defaults to ``("console",)``.
-        every: Collect gradient statistics every N training steps. Defaults to ``1``.
-        flush_every: Pull statistics from the device and judge them every N steps. Defaults to ``25``.
-        update_every: Measure the update ratio ``||dw||/||w||`` every N collected steps (one copy of the
-            parameters on those steps). Defaults to ``10``.
-        activation_every: Sample activation statistics (saturation, dead units, RNN gradient through time)
-            every N steps; ``0`` turns sampling off. Defaults to ``25``.
-        strict: Raise :class:`~gradwatch.errors.MonitoringError` on an internal error instead of warning once
-            and turning monitoring off. Defaults to ``False``.
-        thresholds: Detector cut-offs. Defaults to :class:`~gradwatch.core.detector.Thresholds`'s defaults.
-        history: Rows of statistics kept (older ones are merged). Defaults to ``512``.
-        log_dir: Directory for an append-only run log that ``gradwatch.load`` reads back. Defaults to ``None``.
-    """
-
-    reporters: tuple[Any, ...] = ("console",)
-    every: int = 1
-    flush_every: int = 25
-    update_every: int = 10
-    activation_every: int = 25
-    strict: bool = False
-    thresholds: Thresholds | None = None
-    history: int = 512
-    log_dir: str | None = None
-
-    ACCEPTED = ("reporters", "every", "flush_every", "update_every", "activation_every", "strict", "thresholds",
-                "history", "log_dir")
-
-    @classmethod
-    def parse(cls, options: dict[str, Any], *, extra: Sequence[str] = (), caller: str = "attach()") -> WatchOptions:
-        unknown = sorted(set(options) - set(cls.ACCEPTED) - set(extra))
-        if unknown:
-            accepted = ", ".join(list(cls.ACCEPTED) + list(extra))
-            raise TypeError(f"{caller} got unknown option(s) {', '.join(map(repr, unknown))}; accepted: {accepted}.")
-        kw = {k: v for k, v in options.items() if k in cls.ACCEPTED}
-        return cls(**kw)
-
-    def __post_init__(self) -> None:
-        _positive_int("every", self.every)
-        _positive_int("flush_every", self.flush_every)
-        _positive_int("update_every", self.update_every)
-        _positive_int("activation_every", self.activation_every, minimum=0)
-        _positive_int("history", self.history, minimum=8)
-        if not isinstance(self.strict, bool):
-            raise TypeError(f"strict must be True or False, received strict={self.strict!r}")
-        if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
-            raise TypeError("thresholds must be a gradwatch.Thresholds or None, received "
-                            f"{type(self.thresholds).__name__}")
-        if self.log_dir is not None and not isinstance(self.log_dir, (str, os.PathLike)):
-            raise TypeError(f"log_dir must be a path (str or os.PathLike) or None, received {self.log_dir!r}")
-        reporters = self.reporters
-        if isinstance(reporters, (str, Reporter)) or not isinstance(reporters, (list, tuple)):
-            raise TypeError("reporters must be a list such as ['console'] or ['console', 'wandb'] (or [] for "
-                            f"silence), received reporters={reporters!r}")
-        for r in reporters:
-            if isinstance(r, str):
-                if r not in ("console", "wandb"):
-                    raise ValueError(f"unknown reporter {r!r}; accepted names: 'console', 'wandb', or a "
-                                     "gradwatch.Reporter instance")
-            elif not isinstance(r, Reporter):
-                raise TypeError(f"reporters must hold 'console', 'wandb' or gradwatch.Reporter instances, received "
-                                f"{type(r).__name__}")
-        object.__setattr__(self, "reporters", tuple(reporters))
-        if self.log_dir is not None:
-            object.__setattr__(self, "log_dir", os.fspath(self.log_dir))
-
-
 def _make_reporters(options: WatchOptions) -> list[Reporter]:
-    out: list[Reporter] = []
-    for r in options.reporters:
-        if r == "console":
-            from gradwatch.reporters.console import ConsoleReporter
-
-            out.append(ConsoleReporter())
-        elif r == "wandb":
-            from gradwatch.integrations.wandb import WandbReporter
-
-            out.append(WandbReporter())
-        else:
-            out.append(r)
+    out = [make_reporter(r) if isinstance(r, str) else r for r in options.reporters]
     if options.log_dir is not None:
-        from gradwatch.core.runlog import RunLogWriter
-
         out.append(RunLogWriter(options.log_dir))
     return out
 
@@ -144,7 +51,8 @@ class Watcher:
         3
     """
 
-    def __init__(self, model: Any, make_adapter, options: WatchOptions) -> None:
+    def __init__(self, model: Any, adapter: type[Adapter], options: WatchOptions, *, optimizer: Any = None,
+                 extra: dict[str, Any] | None = None) -> None:
         if model in _ATTACHED:
             raise AttachError(f"gradwatch is already attached to this {type(model).__name__}. Call detach() on the "
                               "watcher you have (or leave its `with` block) before attaching again.")
@@ -157,13 +65,23 @@ class Watcher:
         self._detector: Detector | None = None
         self._since_flush = 0
         self._last_acts: dict[str, np.ndarray] = {}
-        self._last_batch: StepBatch | None = None
         self._closing = False
         self.reporters = _make_reporters(options)
-        self.adapter = make_adapter(self)
+        self.adapter = adapter.create(self, model, optimizer, options, **(extra or {}))
         _ATTACHED[model] = self
+        info = WatchInfo(framework=self.adapter.framework, model_type=self.adapter.model_type,
+                         options=options.as_dict())
         for r in list(self.reporters):
-            self._call(r, "on_attach", self)
+            self._call(r, "on_attach", info)
+
+    @classmethod
+    def start(cls, adapter: type[Adapter], model: Any, optimizer: Any, options: dict[str, Any], *,
+              caller: str = "attach()") -> Watcher:
+        """Parse ``options`` (those of :class:`WatchOptions` plus the adapter's ``extra_options``) and watch."""
+        options = dict(options)
+        extra = {k: options.pop(k) for k in adapter.extra_options if k in options}
+        opts = WatchOptions.parse(options, extra=adapter.extra_options, caller=caller)
+        return cls(model, adapter, opts, optimizer=optimizer, extra=extra)
 
     # -- sink ----------------------------------------------------------------------------------------------
 
@@ -201,7 +119,7 @@ class Watcher:
 
     @property
     def findings(self) -> tuple[Finding, ...]:
-        self.flush()
+        """The findings judged so far, without pulling new steps from the device (:meth:`report` does that)."""
         return self._detector.findings if self._detector else ()
 
     @property
@@ -225,12 +143,6 @@ class Watcher:
             return f"off: {self._error}"
         return "detached" if self._detached else "on"
 
-    @property
-    def last_batch(self) -> StepBatch | None:
-        """The per-parameter statistics pulled by the latest flush (what ``on_flush`` reporters were given, before
-        aggregation to layers); ``None`` when that flush found no new step."""
-        return self._last_batch
-
     def flush(self) -> None:
         """Pull collected statistics from the device, judge them and feed the reporters."""
         if self._error is not None and self._history is None:
@@ -251,14 +163,20 @@ class Watcher:
                                           plain_recurrent=plain)
             new: list[Finding] = []
             rows = None
-            self._last_batch = batch if batch is not None and len(batch) else None
-            if self._last_batch is not None:
+            batch = batch if batch is not None and len(batch) else None
+            if batch is not None:
                 self._history.extend(batch)
                 rows = batch.layers(table)
                 new += self._detector.update(rows)
             if acts is not None and len(acts.steps):
                 self._keep_acts(acts)
                 new += self._detector.update_activations(acts)
+            if rows is None and not new:
+                return
+            adapter = self.adapter
+            event = Flush(step=adapter.step, table=table, batch=batch, rows=rows, history=self._history,
+                          verdicts=self.verdicts(), structure=adapter.structure, notes=tuple(adapter.notes()),
+                          monitoring=self.monitoring, report=self._build_report)
         except MonitoringError:
             raise
         except Exception as exc:  # noqa: BLE001 - fail-open
@@ -266,10 +184,10 @@ class Watcher:
             return
         if rows is not None:
             for r in list(self.reporters):
-                self._call(r, "on_flush", self, rows)
+                self._call(r, "on_flush", event)
         if new:
             for r in list(self.reporters):
-                self._call(r, "on_findings", self, new)
+                self._call(r, "on_findings", new, event)
 
     def report(self, *, flush: bool = True) -> Report:
         """Everything seen so far, as a :class:`~gradwatch.Report`. Works after :meth:`detach` too.
@@ -296,7 +214,7 @@ class Watcher:
                 del _ATTACHED[model]
         report = self._build_report()
         for r in list(self.reporters):
-            self._call(r, "on_close", self, report)
+            self._call(r, "on_close", report)
 
     def __enter__(self) -> Watcher:
         return self

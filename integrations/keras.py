@@ -12,25 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from gradwatch._optional import require
-from gradwatch._watcher import Watcher, WatchOptions
+from gradwatch._watcher import Watcher
+from gradwatch.adapters.keras import KerasAdapter
 from gradwatch.core.report import Report
 from gradwatch.errors import WatcherStateError
+from gradwatch.options import WatchOptions
+from gradwatch.reporters import ConsoleReporter
 
 keras = require("keras", extra="tensorflow", feature="gradwatch.KerasCallback")
 
 __all__ = ["KerasCallback", "attach_keras"]
-
-
-def _make_watcher(model: Any, options: WatchOptions, *, defer_unbuilt: bool = False) -> Watcher:
-    from gradwatch.adapters.keras import KerasAdapter
-
-    def make(sink):
-        adapter = KerasAdapter(sink, model, update_every=options.update_every,
-                               activation_every=options.activation_every)
-        adapter.install(defer_unbuilt=defer_unbuilt)
-        return adapter
-
-    return Watcher(model, make, options)
 
 
 def attach_keras(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
@@ -39,11 +30,7 @@ def attach_keras(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
     Statistics are read on ``gw.report()``, ``gw.flush()`` and ``gw.detach()``; inside ``fit()`` prefer
     :class:`KerasCallback`, which also reads them every ``flush_every`` batches.
     """
-    if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
-        raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no optimizer "
-                         f"(received {type(optimizer).__name__}) or compile the model with it.")
-    opts = WatchOptions.parse(options)
-    return _make_watcher(model, opts)
+    return Watcher.start(KerasAdapter, model, optimizer, options)
 
 
 class KerasCallback(keras.callbacks.Callback):
@@ -55,7 +42,8 @@ class KerasCallback(keras.callbacks.Callback):
 
     Args:
         **options: The options of :class:`gradwatch.WatchOptions` (``reporters``, ``every``, ``flush_every``,
-            ``update_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``).
+            ``update_every``, ``activation_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``), the
+            same as ``attach()``'s.
 
     Example:
         >>> cb = KerasCallback(every=0)
@@ -75,8 +63,6 @@ class KerasCallback(keras.callbacks.Callback):
         return self._watcher
 
     def _console_defer(self, on: bool) -> None:
-        from gradwatch.reporters.console import ConsoleReporter
-
         for r in self._watcher.reporters if self._watcher else ():
             if isinstance(r, ConsoleReporter):
                 r.defer = on
@@ -87,7 +73,7 @@ class KerasCallback(keras.callbacks.Callback):
         if self._watcher is not None:
             self._watcher.detach()
         # A subclassed model with its own train_step is built by fit()'s first step: watched from the next one.
-        self._watcher = _make_watcher(self.model, self.options, defer_unbuilt=True)
+        self._watcher = Watcher(self.model, KerasAdapter, self.options, extra={"defer_unbuilt": True})
         self._console_defer(True)
 
     def on_train_batch_end(self, batch, logs=None) -> None:
@@ -96,8 +82,6 @@ class KerasCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self._watcher is not None and epoch > 0:
-            from gradwatch.reporters.console import ConsoleReporter
-
             for r in self._watcher.reporters:
                 if isinstance(r, ConsoleReporter):
                     r.release()

@@ -434,3 +434,16 @@ def test_keras_run_log_and_wandb(tmp_path):
     assert any(f"gradwatch/grad_rms/{first}" in h for h in logged.history)
     assert [a.title for a in logged.alerts] == ["gradwatch: vanishing since step 1"]
     assert logged.summary["gradwatch/verdict"] == "problems: vanishing"
+
+
+def test_every_measures_every_nth_step_of_fit():
+    """KerasCallback(every=5) collects steps 1, 6, 11, 16 of a 16-step fit(), with the figures an every-step
+    watch measures at those steps (gradwatch does not change training, so both runs train alike)."""
+    full = fit(mlp("tanh", depth=4), gradwatch.KerasCallback(reporters=[]))
+    sparse = fit(mlp("tanh", depth=4), gradwatch.KerasCallback(reporters=[], every=5))
+    assert (full.step, full.collected_steps) == (16, 16)
+    assert (sparse.step, sparse.collected_steps) == (16, 4)
+    assert sparse.trend_steps == (1, 6, 11, 16)
+    at = [full.trend_steps.index(s) for s in sparse.trend_steps]
+    for a, b in zip(full.layers, sparse.layers):
+        np.testing.assert_allclose([a.grad_rms_trend[i] for i in at], b.grad_rms_trend, rtol=1e-4)

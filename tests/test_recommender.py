@@ -10,7 +10,16 @@ from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
 from tests.fixtures.models import (  # noqa: E402
-    FunctionalTanhMLP, PlainCNN, SeqClassifier, SmallResNet, images, long_memory, mlp, seed, tabular, train,
+    FunctionalTanhMLP,
+    PlainCNN,
+    SeqClassifier,
+    SmallResNet,
+    images,
+    long_memory,
+    mlp,
+    seed,
+    tabular,
+    train,
 )
 
 pytestmark = pytest.mark.torch

@@ -14,7 +14,6 @@ import pytest
 torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 
 import gradwatch  # noqa: E402
-from gradwatch.core.runlog import RunLogWriter  # noqa: E402
 from tests.fixtures.models import mlp, seed, tabular, train  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -99,7 +98,7 @@ def test_a_long_run_keeps_the_log_bounded(tmp_path):
     model = mlp(depth=4, width=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sizes = []
-    gw = gradwatch.attach(model, opt, reporters=[RunLogWriter(tmp_path, max_bytes=max_bytes)], flush_every=10,
+    gw = gradwatch.attach(model, opt, reporters=[gradwatch.RunLogWriter(tmp_path, max_bytes=max_bytes)], flush_every=10,
                           history=16)
     train(model, opt, tabular(), 600, on_step=lambda i: sizes.append(sum(p.stat().st_size
                                                                            for p in segments(tmp_path))))
@@ -187,7 +186,7 @@ def test_plots_are_drawn(tmp_path, kind):
 def test_flow_heatmap_shows_the_vanishing_rows(tmp_path):
     """The heatmap's colours follow log10 gradient RMS: the first layer's row is darker (cividis: low = dark)
     than the last layer's."""
-    from gradwatch.reporters.plots import flow_figure
+    from gradwatch.core.plots import flow_figure
 
     report = sick_run(None, steps=60).report()
     fig = flow_figure(report)
@@ -204,7 +203,7 @@ def test_plot_200_layers_thins_labels(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.attach(model, opt, reporters=[]) as gw:
         train(model, opt, tabular(), 12, batch=16)
-    from gradwatch.reporters.plots import flow_figure
+    from gradwatch.core.plots import flow_figure
 
     fig = flow_figure(gw.report())
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]

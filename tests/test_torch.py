@@ -12,9 +12,17 @@ torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from gradwatch.reporters.console import ConsoleReporter  # noqa: E402
 from tests.fixtures.models import (  # noqa: E402
-    SeqClassifier, SmallResNet, TinyTransformer, images, long_memory, mlp, seed, tabular, tokens, train,
+    SeqClassifier,
+    SmallResNet,
+    TinyTransformer,
+    images,
+    long_memory,
+    mlp,
+    seed,
+    tabular,
+    tokens,
+    train,
 )
 
 pytestmark = pytest.mark.torch
@@ -63,7 +71,7 @@ def test_he_relu_mlp_is_healthy(opt):
              "adam": lambda: torch.optim.Adam(model.parameters(), lr=1e-3), "none": lambda: None}[opt]()
     if optim is None:  # no optimizer: steps come from the end of each backward pass
         gw = gradwatch.attach(model, reporters=[])
-        for step in range(60):
+        for _ in range(60):
             model.zero_grad()
             x, y = tabular()
             nn.functional.mse_loss(model(x[:64]), y[:64]).backward()
@@ -313,10 +321,9 @@ def test_detach_on_exception_in_with_block():
     seed(0)
     model = mlp(2, act=nn.ReLU)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(RuntimeError, match="user error"):
-        with gradwatch.attach(model, opt, reporters=[]):
-            train(model, opt, tabular(), 2)
-            raise RuntimeError("user error")
+    with pytest.raises(RuntimeError, match="user error"), gradwatch.attach(model, opt, reporters=[]):
+        train(model, opt, tabular(), 2)
+        raise RuntimeError("user error")
     assert no_hooks(model)
     gradwatch.attach(model, opt, reporters=[]).detach()  # no 'already attached'
 
@@ -401,7 +408,7 @@ def test_strict_raises():
 
 def test_failing_reporter_is_dropped_not_fatal():
     class Bad(gradwatch.Reporter):
-        def on_flush(self, watcher, rows):
+        def on_flush(self, flush):
             raise ValueError("reporter bug")
 
     model = mlp(3, act=nn.ReLU, init="he")
@@ -444,7 +451,7 @@ def test_console_block_once_and_summary_at_detach():
     model = mlp(10, act=nn.Sigmoid)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     buf = io.StringIO()
-    gw = gradwatch.attach(model, opt, reporters=[ConsoleReporter(file=buf)], flush_every=10)
+    gw = gradwatch.attach(model, opt, reporters=[gradwatch.ConsoleReporter(file=buf)], flush_every=10)
     train(model, opt, tabular(), 50)
     mid = buf.getvalue()
     assert mid.count("gradwatch: vanishing gradients at step 1") == 1  # one block, not one per step

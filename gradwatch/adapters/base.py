@@ -1,17 +1,24 @@
-"""What every framework adapter provides to the watcher.
+"""The adapter protocol: what every framework adapter declares and provides to the watcher.
 
 An adapter turns framework tensors into :class:`~gradwatch.core.stats.StepBatch` records and a neutral
 :class:`~gradwatch.core.structure.Structure`, nothing more: judging and reporting happen in the core.
+
+Every front end (``attach()``, ``KerasCallback``, the training-framework callbacks) makes its adapter the same
+way, ``cls.create(sink, model, optimizer, options)`` with the one parsed :class:`~gradwatch.options.WatchOptions`,
+so an option cannot be dropped by one front end and kept by another.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from gradwatch.core.detector import ActivationRows
-from gradwatch.core.stats import ParamTable, StepBatch
+from gradwatch.core.stats import ActivationRows, ParamTable, StepBatch
 from gradwatch.core.structure import Structure
+
+if TYPE_CHECKING:
+    from gradwatch.options import WatchOptions
 
 __all__ = ["Adapter", "Sink"]
 
@@ -27,12 +34,39 @@ class Sink(Protocol):
 
 
 class Adapter(ABC):
-    """Collects gradient statistics of one model on its device and hands them over on :meth:`drain`."""
+    """Collects gradient statistics of one model on its device and hands them over on :meth:`drain`.
 
-    framework: str = ""
+    A subclass declares ``framework`` and ``module`` (the framework's top-level module, which must already be in
+    ``sys.modules`` for it to be tried), the ``attach()`` options it takes beyond
+    :class:`~gradwatch.options.WatchOptions` in ``extra_options``, and implements :meth:`accepts` and
+    :meth:`create`. Every option of ``WatchOptions`` that concerns collection (``every``, ``update_every``,
+    ``activation_every``) must be honoured by :meth:`create`.
+    """
+
+    framework: ClassVar[str] = ""
+    module: ClassVar[str] = ""
+    extra_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this adapter watches ``model`` (imports nothing: the framework is in ``sys.modules``)."""
+
+    @classmethod
+    @abstractmethod
+    def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> Adapter:
+        """The adapter for ``model``, installed and collecting.
+
+        Args:
+            sink: The watcher.
+            model: The model, already accepted by :meth:`accepts`.
+            optimizer: What the user passed as the optimizer (``None`` if nothing).
+            options: The watch's parsed options.
+            **extra: The values of ``extra_options`` the user gave, and front-end internals.
+        """
 
     @property
     @abstractmethod

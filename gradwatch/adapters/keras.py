@@ -20,17 +20,20 @@ as without gradwatch.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradwatch.adapters.base import Adapter, Sink
-from gradwatch.core.detector import ActivationRows
-from gradwatch.core.stats import STAT_NAMES, ParamTable, StepBatch
+from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, TIME_EDGE_DIVISOR, ActivationRows, ParamTable, StepBatch
 from gradwatch.core.structure import LayerInfo, Structure
 from gradwatch.errors import AttachError
+
+if TYPE_CHECKING:
+    from gradwatch.options import WatchOptions
 
 __all__ = ["KerasAdapter"]
 
@@ -49,9 +52,10 @@ _ACT_RING = 32  # activation samples the device holds between flushes
 _DEAD_ACTS = ("relu", "relu6")
 _ACT_COLS = 6  # saturation, dead, rms, non-finite, time decades at a recurrent layer's input, at its output
 _TIME_IN, _TIME_OUT = 4, 5
-# Saturation read from an activation's output: within 1% of the asymptotes, as the PyTorch adapter's logit
-# thresholds (|logit| > log 99 for sigmoid, |x| > atanh 0.99 for tanh).
-_SATURATION = {"sigmoid": (0.01, 0.99), "tanh": (-0.99, 0.99)}
+# Saturation read from an activation's output: within SATURATION_MARGIN of its range from an asymptote, the
+# same cut as the PyTorch adapter's logit thresholds.
+_SATURATION = {"sigmoid": (SATURATION_MARGIN, 1 - SATURATION_MARGIN),
+               "tanh": (-1 + 2 * SATURATION_MARGIN, 1 - 2 * SATURATION_MARGIN)}
 
 
 def _act_name(fn: Any) -> str | None:
@@ -80,20 +84,40 @@ class KerasAdapter(Adapter):
     Args:
         sink: The watcher.
         model: The model. It must be compiled before training starts (the optimizer is read then).
+        every: Collect gradient statistics every N steps (steps 1, 1 + N, ...).
         update_every: Measure the update ratio every N steps (one copy of the weights on those steps).
         activation_every: Sample activations (and recurrent layers' gradients through time) on step 1 and every
             N steps; ``0`` turns sampling off.
     """
 
     framework = "keras"
+    module = "keras"
 
-    def __init__(self, sink: Sink, model: Any, *, update_every: int = 10, activation_every: int = 25) -> None:
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        keras = sys.modules.get("keras")
+        return keras is not None and isinstance(model, keras.Model)
+
+    @classmethod
+    def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> KerasAdapter:
+        """Install on ``model``; ``defer_unbuilt=True`` (the callback's) waits for ``fit()`` to build it."""
+        if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
+            raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no "
+                             f"optimizer (received {type(optimizer).__name__}) or compile the model with it.")
+        adapter = cls(sink, model, every=options.every, update_every=options.update_every,
+                      activation_every=options.activation_every)
+        adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)))
+        return adapter
+
+    def __init__(self, sink: Sink, model: Any, *, every: int = 1, update_every: int = 10,
+                 activation_every: int = 25) -> None:
         super().__init__(sink)
         import keras
 
         if not isinstance(model, keras.Model):
             raise TypeError(f"KerasAdapter needs a keras.Model, received {type(model).__name__}")
         self.model = model
+        self.every = every
         self.update_every = update_every
         self._table: ParamTable | None = None
         self._structure: Structure | None = None
@@ -128,8 +152,6 @@ class KerasAdapter(Adapter):
             defer_unbuilt: For the callback: a model that ``fit()`` only builds in its first step (a subclassed
                 model with its own ``train_step``) is watched from the step after it is built.
         """
-        import tensorflow as tf
-
         model = self.model
         opt = getattr(model, "optimizer", None)
         if opt is None:
@@ -144,113 +166,60 @@ class KerasAdapter(Adapter):
         inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer: unscaled gradients, applied steps only
         if self._installed_on is inner and "apply" in inner.__dict__:
             return
-        outer = opt if inner is not opt else None
         self._build_table()
         self._step_at_install = self._step
+        self._make_rings()
+        self._wrap_apply(inner, opt if inner is not opt else None)
+        if self.activation_every and self._act_targets:
+            self._install_activations()
+        # fit() makes its train function before on_train_begin: re-make it so the traced step holds the wrapper.
+        if getattr(model, "train_function", None) is not None:
+            model.make_train_function(force=True)
+
+    def _make_rings(self) -> None:
+        """The device variables one row per collected step goes into, read by :meth:`drain`."""
+        import tensorflow as tf
+
         p = self._table.n_params
-        strategy = model.distribute_strategy
-        with strategy.scope():
+        with self.model.distribute_strategy.scope():
             agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
-            self._acc = tf.Variable(tf.fill([_RING, p, len(STAT_NAMES)], float("nan")), trainable=False,
+            # One spare row past the ring: steps that are not collected (``every`` > 1) write there, so the
+            # write needs no cond (a mirrored variable takes no assignment inside one in replica context).
+            self._acc = tf.Variable(tf.fill([_RING + 1, p, len(STAT_NAMES)], float("nan")), trainable=False,
                                     aggregation=agg, synchronization=tf.VariableSynchronization.ON_WRITE,
                                     name="gradwatch_stats")
             self._count = tf.Variable(tf.constant(self._read_applied, tf.int64), trainable=False, aggregation=agg,
                                       name="gradwatch_count")
             # The training step of each ring row, and (with a LossScaleOptimizer, which skips the inner apply on
             # overflow) every step the outer optimizer saw, so skipped steps are known and numbered truthfully.
-            self._step_ring = tf.Variable(tf.zeros([_RING], tf.int64), trainable=False, aggregation=agg,
+            self._step_ring = tf.Variable(tf.zeros([_RING + 1], tf.int64), trainable=False, aggregation=agg,
                                           name="gradwatch_steps")
             self._total = tf.Variable(tf.constant(self._step, tf.int64), trainable=False, aggregation=agg,
                                       name="gradwatch_total")
-        index = {id(v): i for i, v in enumerate(self._vars)}
-        acc, count, every = self._acc, self._count, self.update_every
-        step_ring, total = self._step_ring, self._total
+
+    def _wrap_apply(self, inner: Any, outer: Any) -> None:
+        """Instance wrappers of the optimizer's ``apply`` (and the loss-scale optimizer's outer one). They run at
+        trace time; a failure there goes to the sink and the step is traced without gradwatch."""
+        self._index = {id(v): i for i, v in enumerate(self._vars)}
+        self._inner, self._outer = inner, outer
         original = type(inner).apply
-        nan = float("nan")
-
-        adapter = self
-
-        def measure_grads(grads, trainable_variables):
-            """Before the update: gradient statistics and, on measure steps, a copy of the weights."""
-            variables = list(trainable_variables) if trainable_variables is not None else \
-                list(inner._trainable_variables)
-            pos = [index.get(id(getattr(v, "_gradwatch_source", v))) for v in variables]
-            # Under a distribution strategy, apply() runs per replica on the replica's own gradients; the optimizer
-            # sums them later. Judge the summed gradient, once: one extra all-reduce on gradwatch's account.
-            ctx = tf.distribute.get_replica_context()
-            replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-            stat_grads = grads
-            if replicas > 1:
-                present = [k for k, g in enumerate(grads) if g is not None]
-                dense = [tf.convert_to_tensor(grads[k]) for k in present]
-                summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense)
-                stat_grads = [None] * len(grads)
-                for k, g in zip(present, summed):
-                    stat_grads[k] = g
-            cols_g: list[Any] = [None] * p
-            for g, v, i in zip(stat_grads, variables, pos):
-                if i is None or g is None:
-                    continue
-                if isinstance(g, tf.IndexedSlices):
-                    g = g.values
-                g = tf.cast(g, tf.float32)
-                finite = tf.math.is_finite(g)
-                cols_g[i] = (tf.norm(tf.reshape(g, [-1])), tf.reduce_max(tf.abs(g)),
-                             tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.float32)))
-            # Update ratios every `every` steps: the weight copy and both norms run only on those steps. (The
-            # copy's placeholder on other steps keeps the weight's shape: XLA wants both branches alike.)
-            measure = tf.equal(count % every, 0)
-            watched = [(v, i) for v, i in zip(variables, pos) if i is not None]
-            before = [tf.cond(measure, lambda v=v: tf.identity(tf.cast(v, tf.float32)),
-                              lambda v=v: tf.zeros(tf.shape(v), tf.float32)) for v, _ in watched]
-            return cols_g, measure, watched, before
-
-        def record(cols_g, measure, watched, before):
-            """After the update: update ratios on measure steps, and the step's row into the ring."""
-            nan_t = tf.constant(nan, tf.float32)
-
-            def norms():
-                return tf.stack([tf.stack([tf.norm(tf.reshape(b, [-1])),
-                                           tf.norm(tf.reshape(tf.cast(v, tf.float32) - b, [-1]))])
-                                 for (v, _), b in zip(watched, before)])
-
-            measured = tf.cond(measure, norms, lambda: tf.fill([len(watched), 2], nan_t)) if watched else None
-            wcols: list[Any] = [(nan_t, nan_t)] * p
-            for k, (_, i) in enumerate(watched):
-                wcols[i] = (measured[k, 0], measured[k, 1])
-            rows = []
-            for i in range(p):
-                g = cols_g[i] if cols_g[i] is not None else (nan_t, nan_t, nan_t)
-                rows.append(tf.stack([g[0], g[1], g[2], wcols[i][0], wcols[i][1]]))
-            slot = [[count % _RING]]
-            step_id = total if outer is not None else total + 1  # the outer apply counted this step already
-            _write(acc, slot, [tf.stack(rows)])
-            _write(step_ring, slot, [step_id])
-            count.assign_add(1)
-            if outer is None:
-                total.assign_add(1)
+        measure = self.guard(self._measure_grads, "Keras optimizer.apply")
+        record = self.guard(self._record, "Keras optimizer.apply")
 
         def apply(grads, trainable_variables=None):
-            # Runs at trace time. A failure here must not reach fit(): the step is traced without gradwatch.
             grads = list(grads)
-            state = None
-            if adapter.active:
-                try:
-                    state = measure_grads(grads, trainable_variables)
-                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
-                    adapter.sink.on_error(exc, "Keras optimizer.apply")
+            state = measure(grads, trainable_variables)
             result = original(inner, grads, trainable_variables)
-            if state is not None and adapter.active:
-                try:
-                    record(*state)
-                except Exception as exc:  # noqa: BLE001
-                    adapter.sink.on_error(exc, "Keras optimizer.apply")
+            if state is not None:
+                record(*state)
             return result
 
         apply.__gradwatch__ = True  # type: ignore[attr-defined]
         inner.apply = apply
+        self._wrapped.append(inner)
         if outer is not None:
             outer_original = type(outer).apply
+            total, adapter = self._total, self
 
             def outer_apply(grads, trainable_variables=None):
                 if adapter.active:
@@ -259,14 +228,81 @@ class KerasAdapter(Adapter):
 
             outer_apply.__gradwatch__ = True  # type: ignore[attr-defined]
             outer.apply = outer_apply
-        self._outer = outer
+            self._wrapped.append(outer)
         self._installed_on = inner
-        self._wrapped += [inner] + ([outer] if outer is not None else [])
-        if self.activation_every and self._act_targets:
-            self._install_activations()
-        # fit() makes its train function before on_train_begin: re-make it so the traced step holds the wrapper.
-        if getattr(model, "train_function", None) is not None:
-            model.make_train_function(force=True)
+
+    def _measure_grads(self, grads: list, trainable_variables: Any):
+        """In the traced step, before the update: this step's number and whether it is collected, the gradient
+        statistics, and on measure steps a copy of the weights."""
+        import tensorflow as tf
+
+        variables = list(trainable_variables) if trainable_variables is not None else \
+            list(self._inner._trainable_variables)
+        pos = [self._index.get(id(getattr(v, "_gradwatch_source", v))) for v in variables]
+        # Under a distribution strategy, apply() runs per replica on the replica's own gradients; the optimizer
+        # sums them later. Judge the summed gradient, once: one extra all-reduce on gradwatch's account.
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        stat_grads = grads
+        if replicas > 1:
+            present = [k for k, g in enumerate(grads) if g is not None]
+            summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(grads[k]) for k in present])
+            stat_grads = [None] * len(grads)
+            for k, g in zip(present, summed):
+                stat_grads[k] = g
+        p = self._table.n_params
+        step_id = self._total + (0 if self._outer is not None else 1)  # the outer apply counted this step already
+        collect = tf.equal((step_id - 1) % self.every, 0)  # steps 1, 1 + every, ... as in the PyTorch adapter
+
+        def grad_rows():
+            nan3 = tf.fill([3], float("nan"))
+            cols: list[Any] = [nan3] * p
+            for g, i in zip(stat_grads, pos):
+                if i is None or g is None:
+                    continue
+                if isinstance(g, tf.IndexedSlices):
+                    g = g.values
+                g = tf.cast(g, tf.float32)
+                cols[i] = tf.stack([tf.norm(tf.reshape(g, [-1])), tf.reduce_max(tf.abs(g)),
+                                    tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))])
+            return tf.stack(cols)
+
+        no_rows = lambda: tf.fill([p, 3], float("nan"))  # noqa: E731
+        rows = tf.cond(collect, grad_rows, no_rows) if self.every > 1 else grad_rows()
+        # Update ratios every `update_every` collected steps: the weight copy and both norms run only on those
+        # steps. (The copy's placeholder on other steps keeps the weight's shape: XLA wants both branches alike.)
+        measure = tf.logical_and(collect, tf.equal(self._count % self.update_every, 0))
+        watched = [(v, i) for v, i in zip(variables, pos) if i is not None]
+        before = [tf.cond(measure, lambda v=v: tf.identity(tf.cast(v, tf.float32)),
+                          lambda v=v: tf.zeros(tf.shape(v), tf.float32)) for v, _ in watched]
+        return step_id, collect, rows, measure, watched, before
+
+    def _record(self, step_id, collect, rows, measure, watched, before) -> None:
+        """In the traced step, after the update: update ratios on measure steps, and the step's row into the ring
+        (into the spare row when the step is not collected)."""
+        import tensorflow as tf
+
+        nan_t = tf.constant(float("nan"), tf.float32)
+        p = self._table.n_params
+
+        def norms():
+            return tf.stack([tf.stack([tf.norm(tf.reshape(b, [-1])),
+                                       tf.norm(tf.reshape(tf.cast(v, tf.float32) - b, [-1]))])
+                             for (v, _), b in zip(watched, before)])
+
+        wcols: list[Any] = [tf.stack([nan_t, nan_t])] * p
+        if watched:
+            measured = tf.cond(measure, norms, lambda: tf.fill([len(watched), 2], nan_t))
+            for k, (_, i) in enumerate(watched):
+                wcols[i] = measured[k]
+        row = tf.concat([rows, tf.stack(wcols)], axis=1)
+        count = self._count
+        slot = [[tf.where(collect, count % _RING, tf.constant(_RING, tf.int64))]]
+        _write(self._acc, slot, [row])
+        _write(self._step_ring, slot, [step_id])
+        count.assign_add(tf.cast(collect, tf.int64))
+        if self._outer is None:
+            self._total.assign_add(1)
 
     def _install_activations(self) -> None:
         """Wrap ``model.train_step`` (marks the trace, picks sampled steps) and the ``call`` of watched layers."""
@@ -302,13 +338,10 @@ class KerasAdapter(Adapter):
 
             return tf.cond(sample, begin, lambda: tf.constant(False)), slot
 
+        begin_guarded = self.guard(begin_sample, "Keras train_step")
+
         def train_step(*args, **kwargs):
-            trace = None
-            if adapter.active:
-                try:
-                    trace = begin_sample()
-                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
-                    adapter.sink.on_error(exc, "Keras train_step")
+            trace = begin_guarded()  # None when monitoring is off or the prologue failed
             # Per thread: MirroredStrategy traces each replica's step in a thread of its own.
             adapter._local.trace = trace
             try:
@@ -335,6 +368,28 @@ class KerasAdapter(Adapter):
 
         original = target.layer.call
         adapter = self
+        where = f"Keras activations of {target.layer.name}"
+
+        def probed(args, kwargs, sample, slot):
+            # The probe makes the backward pass compute the input's gradient at every time step, which a
+            # first-layer RNN otherwise skips (+13% a step on a small SimpleRNN, measured): only sampled steps
+            # take the probed branch; the others run the layer as it is. Under XLA a recurrent layer inside a
+            # cond does not compile: there the probe runs on every step and only its record is sampled.
+            if getattr(adapter.model, "jit_compile", False):
+                return _probed_call(original, args, kwargs, target, ring, sample, slot, gate=True)
+            return tf.cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
+                           lambda: original(*args, **kwargs))
+
+        def record(out, sample, slot):
+            y = out[0] if isinstance(out, (list, tuple)) else out
+            if isinstance(y, tf.Tensor) and y.dtype.is_floating:
+                def write():
+                    _write(ring, [[slot, target.index, k] for k in range(4)], _activation_stats(y, target))
+                    return tf.constant(True)
+
+                tf.cond(sample, write, lambda: tf.constant(False))
+
+        probed, record = self.guard(probed, where), self.guard(record, where)
 
         def call(*args, **kwargs):
             trace = getattr(adapter._local, "trace", None)
@@ -343,32 +398,10 @@ class KerasAdapter(Adapter):
             sample, slot = trace
             out = None
             if target.time and args and isinstance(args[0], tf.Tensor) and args[0].shape.rank == 3:
-                try:
-                    # The probe makes the backward pass compute the input's gradient at every time step, which
-                    # a first-layer RNN otherwise skips (+13% a step on a small SimpleRNN, measured): only
-                    # sampled steps take the probed branch; the others run the layer as it is.
-                    # Under XLA a recurrent layer inside a cond does not compile: there the probe runs on every
-                    # step and only its record is sampled.
-                    if getattr(adapter.model, "jit_compile", False):
-                        out = _probed_call(original, args, kwargs, target, ring, sample, slot, gate=True)
-                    else:
-                        out = tf.cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
-                                      lambda: original(*args, **kwargs))
-                except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict); the call goes on
-                    adapter.sink.on_error(exc, f"Keras activations of {target.layer.name}")
+                out = probed(args, kwargs, sample, slot)  # None when it failed: the call goes on unprobed
             if out is None:
                 out = original(*args, **kwargs)
-            if adapter.active:
-                try:
-                    y = out[0] if isinstance(out, (list, tuple)) else out
-                    if isinstance(y, tf.Tensor) and y.dtype.is_floating:
-                        def write():
-                            _write(ring, [[slot, target.index, k] for k in range(4)], _activation_stats(y, target))
-                            return tf.constant(True)
-
-                        tf.cond(sample, write, lambda: tf.constant(False))
-                except Exception as exc:  # noqa: BLE001
-                    adapter.sink.on_error(exc, f"Keras activations of {target.layer.name}")
+            record(out, sample, slot)
             return out
 
         call.__gradwatch__ = True  # type: ignore[attr-defined]
@@ -404,37 +437,23 @@ class KerasAdapter(Adapter):
                 owned[id(v)] = layer.name
             layers.append((layer, all_vars))
         trainable_ids = {id(v) for v in model.trainable_variables}
-        names, types, profile = [], [], []
-        pnames, players, roles, numel, shapes, trainable = [], [], [], [], [], []
         self._vars = []
-        infos = []
+        infos, entries = [], []
         for layer, all_vars in layers:
             # A frozen layer's weights are listed (as frozen), its running statistics and seeds are not.
             params = [v for v in all_vars if getattr(v, "trainable", False) or id(v) in trainable_ids or
                       (not layer.trainable and _is_param(v))]
             if not params:
                 continue
-            li = len(names)
-            names.append(layer.name)
-            types.append(type(layer).__name__)
             kind = _KIND.get(type(layer).__name__, "dense" if any(len(v.shape) >= 2 for v in params) else "other")
-            profile.append(kind in ("dense", "conv", "recurrent", "attention"))
-            for v in params:
-                pnames.append(v.path)
-                players.append(li)
-                short = v.path.rsplit("/", 1)[-1]
-                roles.append("bias" if "bias" in short else "weight" if len(v.shape) >= 2 else short)
-                numel.append(int(np.prod(v.shape)) if len(v.shape) else 1)
-                shapes.append(tuple(int(s) for s in v.shape))
-                trainable.append(id(v) in trainable_ids)
-                self._vars.append(v)
+            entries.append((layer.name, type(layer).__name__, kind,
+                            [(v.path, v.path.rsplit("/", 1)[-1], tuple(v.shape), id(v) in trainable_ids)
+                             for v in params]))
+            self._vars.extend(params)
             infos.append((layer, kind))
-        if not names:
+        if not entries:
             raise AttachError(f"{type(model).__name__} has no trainable weights: there are no gradients to watch.")
-        self._table = ParamTable(layer_names=tuple(names), layer_types=tuple(types), param_names=tuple(pnames),
-                                 param_layer=tuple(players), param_roles=tuple(roles), param_numel=tuple(numel),
-                                 param_shapes=tuple(shapes), param_trainable=tuple(trainable),
-                                 profile=tuple(profile))
+        self._table = ParamTable.build(entries)
         self._structure = self._read_structure(infos)
 
     def _read_structure(self, infos) -> Structure:
@@ -547,15 +566,18 @@ class KerasAdapter(Adapter):
         idx = [(self._read_applied + k) % _RING for k in range(new)]
         values = self._acc.numpy()[idx].astype(np.float64)
         applied = self._step_ring.numpy()[idx].astype(np.int64)
-        # Steps a LossScaleOptimizer skipped for overflow never reached the inner apply: rows of NaN, skipped.
+        # The collected steps (1, 1 + every, ...) since the last drain. Those a LossScaleOptimizer skipped for
+        # overflow never reached the inner apply: rows of NaN, marked skipped.
         steps = np.arange(self._step + 1, total + 1, dtype=np.int64)
-        keep = applied > self._step
+        steps = steps[(steps - 1) % self.every == 0]
+        keep = (applied > self._step) & np.isin(applied, steps)
         full = np.full((len(steps), values.shape[1], values.shape[2]), np.nan)
-        full[applied[keep] - self._step - 1] = values[keep]
+        full[np.searchsorted(steps, applied[keep])] = values[keep]
         skipped = ~np.isin(steps, applied[keep])
         self._read_applied = count
         self._step = total
-        return StepBatch(steps=steps, values=full, skipped=skipped), self._drain_activations()
+        batch = StepBatch(steps=steps, values=full, skipped=skipped) if len(steps) else None
+        return batch, self._drain_activations()
 
     def _drain_activations(self) -> ActivationRows | None:
         if self._act_count is None:
@@ -662,7 +684,7 @@ def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: boo
     def record(dy):
         per_t = tf.sqrt(tf.reduce_sum(tf.square(tf.cast(dy, tf.float32)), axis=[0, 2]))
         n = tf.shape(per_t)[0]
-        edge = tf.maximum(1, n // 10)
+        edge = tf.maximum(1, n // TIME_EDGE_DIVISOR)
         first, last = tf.reduce_mean(per_t[:edge]), tf.reduce_mean(per_t[n - edge:])
         if target.backwards:
             first, last = last, first

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,16 +27,19 @@ from torch.utils.hooks import unserializable_hook
 
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
-from gradwatch.core.detector import ActivationRows
-from gradwatch.core.stats import STAT_NAMES, ParamTable, StepBatch
+from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, ActivationRows, ParamTable, StepBatch, time_decades
 from gradwatch.core.structure import Structure
 from gradwatch.errors import AttachError
 
+if TYPE_CHECKING:
+    from gradwatch.options import WatchOptions
+
 __all__ = ["TorchAdapter"]
 
-# log-odds where sigmoid is within 1% of 0 or 1, and where tanh is within 1% of -1 or 1
-_SIGMOID_SAT = math.log(99.0)
-_TANH_SAT = math.atanh(0.99)
+# The logit where sigmoid is within SATURATION_MARGIN of 0 or 1, and the input where tanh is within
+# SATURATION_MARGIN of its range (2) from -1 or 1: saturation is read from the layer's output before it.
+_SIGMOID_SAT = math.log((1 - SATURATION_MARGIN) / SATURATION_MARGIN)
+_TANH_SAT = math.atanh(1 - 2 * SATURATION_MARGIN)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -60,6 +63,17 @@ class TorchAdapter(Adapter):
     """
 
     framework = "torch"
+    module = "torch"
+    extra_options = ("scaler",)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return isinstance(model, nn.Module)
+
+    @classmethod
+    def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> TorchAdapter:
+        return cls(sink, model, optimizer, scaler=extra.get("scaler"), every=options.every,
+                   update_every=options.update_every, activation_every=options.activation_every)
 
     def __init__(self, sink: Sink, model: nn.Module, optimizer: Any = None, *, scaler: Any = None,
                  every: int = 1, update_every: int = 10, activation_every: int = 25) -> None:
@@ -139,7 +153,7 @@ class TorchAdapter(Adapter):
             original = type(scaler).update
             adapter = self
 
-            end_step = self.guard(self._end_scaler_step, "scaler_update")
+            end_step = self.guard(self._end_step, "scaler_update")
 
             def update(new_scale=None):
                 found = None
@@ -229,29 +243,14 @@ class TorchAdapter(Adapter):
         executed = [n for n in self._order if n in layer_params]
         rest = [n for n in layer_params if n not in set(executed)]
         order = executed + rest
-        names, types, profile = [], [], []
-        pnames, players, roles, numel, shapes, trainable = [], [], [], [], [], []
-        params: list[nn.Parameter] = []
-        for li, mname in enumerate(order):
-            module = modules[mname]
-            names.append(mname or "(root)")
-            types.append(type(module).__name__)
-            profile.append(classify(module) in ("dense", "conv", "recurrent", "attention"))
-            for qual, p in layer_params[mname]:
-                pnames.append(qual)
-                players.append(li)
-                short = qual.rsplit(".", 1)[-1]
-                roles.append("bias" if "bias" in short else "weight" if "weight" in short or p.dim() >= 2
-                             else short)
-                numel.append(int(p.numel()))
-                shapes.append(tuple(int(s) for s in p.shape))
-                trainable.append(bool(p.requires_grad))
-                params.append(p)
+        params = [p for mname in order for _, p in layer_params[mname]]
+        self._table = ParamTable.build([
+            (mname or "(root)", type(modules[mname]).__name__, classify(modules[mname]),
+             [(qual, qual.rsplit(".", 1)[-1], tuple(p.shape), p.requires_grad) for qual, p in layer_params[mname]])
+            for mname in order])
+        players = self._table.param_layer
+        pnames = self._table.param_names
         self._params = params
-        self._table = ParamTable(layer_names=tuple(names), layer_types=tuple(types), param_names=tuple(pnames),
-                                 param_layer=tuple(players), param_roles=tuple(roles), param_numel=tuple(numel),
-                                 param_shapes=tuple(shapes), param_trainable=tuple(trainable),
-                                 profile=tuple(profile))
         self._modules_by_layer = [modules[m] for m in order]
         self._device = params[0].device
         self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
@@ -370,12 +369,6 @@ class TorchAdapter(Adapter):
             return None
         return torch.stack([f.to(self._device or flags[0].device).reshape(()) for f in flags]).sum() > 0
 
-    def _end_scaler_step(self, found: torch.Tensor | None) -> None:
-        if not self._ensure_table():
-            return
-        if self._due():
-            self._grad_row = self._grad_stats(self._detail_due())
-        self._finish_step(found)
 
     def _arm_backward(self, module, args, output) -> None:
         if not torch.is_grad_enabled():
@@ -392,11 +385,16 @@ class TorchAdapter(Adapter):
 
     def _backward_done(self) -> None:
         self._bwd_queued = False
+        self._end_step(None)
+
+    def _end_step(self, skipped: torch.Tensor | None) -> None:
+        """A step that ends without an optimizer hook (end of backward, or the scaler's update): read the
+        gradients now, unscaled by then, and close the step; ``skipped`` is the scaler's found-inf flag."""
         if not self._ensure_table():
             return
         if self._due():
             self._grad_row = self._grad_stats(self._detail_due())
-        self._finish_step(None)
+        self._finish_step(skipped)
 
     def _finish_step(self, skipped: torch.Tensor | None) -> None:
         self._step += 1
@@ -537,13 +535,7 @@ class TorchAdapter(Adapter):
                 li = layer_index.get(name or "(root)")
                 if li is None:
                     continue
-                g = per_t.cpu().numpy().astype(np.float64)
-                if len(g) >= 4:
-                    edge = max(1, len(g) // 10)
-                    last, first = float(np.mean(g[-edge:])), float(np.mean(g[:edge]))
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        tdec[r, li] = math.log10(last / first) if first > 0 and last > 0 else (
-                            math.inf if last > 0 else np.nan)
+                tdec[r, li] = time_decades(per_t.cpu().numpy())
         steps = np.asarray([s for s, _, _ in rows], dtype=np.int64)
         return ActivationRows(steps=steps, saturation=arr[:, 0], dead=arr[:, 1], rms=arr[:, 2],
                               nonfinite=arr[:, 3], time_decades=tdec)

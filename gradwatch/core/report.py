@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
+from gradwatch.core.kinds import HEALTH_KINDS, FindingKind, Fix, LayerStatus, Severity
 from gradwatch.core.structure import Structure
 
 __all__ = [
@@ -19,16 +20,6 @@ __all__ = [
     "Report",
     "Severity",
 ]
-
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "saturation", "dead_units"]
-Severity = Literal["info", "warning", "critical"]
-Fix = Literal["relu", "he_init", "xavier_init", "batch_norm", "layer_norm", "skip_connections",
-              "gradient_clipping", "lower_learning_rate", "gated_rnn", "leaky_relu"]
-LayerStatus = Literal["ok", "vanishing", "exploding", "nonfinite", "frozen", "no_grad"]
-
-#: Finding kinds that make a report unhealthy.
-HEALTH_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
-
 
 def _jsonable(value: Any) -> Any:
     """Plain JSON types only: tuples become lists, non-finite floats become strings ("nan", "inf")."""
@@ -75,6 +66,7 @@ class Finding(_Serialisable):
         severity: ``"info"``, ``"warning"`` or ``"critical"``.
         evidence: The numbers that show it (plain floats, ints and strings).
         message: One human sentence.
+        check: The name of the detector check that raised it (``"gradient_scale"``, ``"through_time"``, ...).
     """
 
     kind: FindingKind
@@ -85,6 +77,12 @@ class Finding(_Serialisable):
     severity: Severity = "warning"
     evidence: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    check: str = ""
+
+    @property
+    def through_time(self) -> bool:
+        """Whether it concerns the gradient through time of a recurrent layer (not across layers)."""
+        return self.check == "through_time" or bool(self.evidence.get("through_time"))
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.kind} since step {self.step}: {self.message}"
@@ -249,13 +247,13 @@ class Report:
         )
 
     def __str__(self) -> str:
-        from gradwatch.reporters.console import render_text
+        from gradwatch.core.text import render_text
 
         return render_text(self)
 
     def plot(self, path: str, *, kind: str = "all") -> str:
         """Save a picture of this report to ``path`` (``kind``: ``"all"``, ``"flow"``, ``"depth"``, ``"updates"``;
-        see :mod:`gradwatch.reporters.plots`). Needs the ``plot`` extra. Returns the path."""
-        from gradwatch.reporters.plots import plot_report
+        see :mod:`gradwatch.core.plots`). Needs the ``plot`` extra. Returns the path."""
+        from gradwatch.core.plots import plot_report
 
         return plot_report(self, path, kind=kind)

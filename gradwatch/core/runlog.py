@@ -1,6 +1,7 @@
 """The run log: a compact, append-only record of a watch that :func:`gradwatch.load` turns back into a Report.
 
-``attach(model, log_dir=...)`` (and ``KerasCallback(log_dir=...)``) adds a :class:`RunLogWriter`. Every flush it
+``attach(model, log_dir=...)`` (and ``KerasCallback(log_dir=...)``) adds a
+:class:`~gradwatch.reporters.runlog.RunLogWriter`, which writes this format; this module reads it. Every flush it
 appends the flushed per-parameter statistics and the detector's verdicts, so a crash loses at most the last
 flush; at detach it appends the final report.
 
@@ -24,7 +25,6 @@ import json
 import logging
 import os
 import struct
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +37,9 @@ from gradwatch.core.stats import History, ParamTable, StepBatch
 from gradwatch.core.structure import Structure
 from gradwatch.core.summarize import Verdicts, build_report
 from gradwatch.errors import LogError
-from gradwatch.reporters.base import Reporter
 
-__all__ = ["RunLogWriter", "load_report", "read_log"]
+__all__ = ["CLOSE", "FORMAT_VERSION", "HEADER", "SNAPSHOT", "STATS", "VERDICTS", "batch_arrays", "frame",
+           "load_report", "pack_arrays", "read_log", "segment_path", "segments"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,12 @@ _KIND_NAMES = {HEADER: "header", SNAPSHOT: "snapshot", STATS: "stats", VERDICTS:
 _SUFFIX = ".gwlog"
 
 
-def _segments(directory: Path) -> list[Path]:
+def segments(directory: Path) -> list[Path]:
+    """The segment files of the log in ``directory``, oldest first."""
     return sorted(directory.glob(f"segment-*{_SUFFIX}"))
 
 
-def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -66,133 +67,17 @@ def _unpack_arrays(payload: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-class RunLogWriter(Reporter):
-    """Appends a watch's statistics, verdicts and final report to ``log_dir`` (see the module docs).
-
-    Args:
-        log_dir: The directory; created if missing. An earlier gradwatch log in it is replaced.
-        max_bytes: Disk the log may use, roughly: a new segment starts when the current one passes half of it
-            (never below twice the size of one history snapshot). Defaults to 64 MiB.
-
-    Example:
-        >>> import tempfile, torch, gradwatch
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> d = tempfile.mkdtemp()
-        >>> with gradwatch.attach(model, opt, reporters=[], log_dir=d):
-        ...     for _ in range(30):
-        ...         opt.zero_grad(); model(torch.randn(16, 4)).pow(2).mean().backward(); opt.step()
-        >>> gradwatch.load(d).step
-        30
-    """
-
-    name = "runlog"
-
-    def __init__(self, log_dir: str | os.PathLike, *, max_bytes: int = 64 << 20) -> None:
-        if not isinstance(log_dir, (str, os.PathLike)):
-            raise TypeError(f"log_dir must be a path, received {log_dir!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1 << 16:
-            raise ValueError(f"max_bytes must be an int >= 65536, received max_bytes={max_bytes!r}")
-        self.dir = Path(log_dir)
-        self.max_bytes = max_bytes
-        self._file: io.BufferedWriter | None = None
-        self._segment = 0
-        self._size = 0
-        self._snapshot_bytes = 0
-        self._header: bytes | None = None
-        self._findings_written = -1
-
-    # -- reporter hooks ---------------------------------------------------------------------------------
-
-    def on_attach(self, watcher) -> None:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise LogError(f"log_dir {str(self.dir)!r} exists and is not a directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for old in _segments(self.dir):
-            old.unlink()
-
-    def on_flush(self, watcher, rows) -> None:
-        batch = watcher.last_batch
-        if batch is None:
-            return
-        if self._file is None:
-            self._open(watcher)
-        self._append(STATS, _pack_arrays(_batch_arrays(batch)))
-        self._append_verdicts(watcher)
-        self._file.flush()
-        if self._size > max(self.max_bytes // 2, 2 * self._snapshot_bytes):
-            self._rotate(watcher)
-
-    def on_findings(self, watcher, findings) -> None:
-        # A flush with new statistics wrote its verdicts in on_flush, after the detector had judged everything,
-        # new findings included; only findings that on_flush did not see (sampled activations alone) need a record.
-        verdicts = watcher.verdicts()
-        if self._file is not None and verdicts is not None and len(verdicts.findings) != self._findings_written:
-            self._append_verdicts(watcher)
-            self._file.flush()
-
-    def on_close(self, watcher, report: Report) -> None:
-        if self._file is None:
-            if watcher.history is None:
-                return
-            self._open(watcher)
-        self._append(CLOSE, json.dumps(report.to_dict()).encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-
-    # -- internals ------------------------------------------------------------------------------------------
-
-    def _open(self, watcher) -> None:
-        adapter = watcher.adapter
-        structure = adapter.structure
-        header = {"format": FORMAT_VERSION, "framework": adapter.framework, "model_type": adapter.model_type,
-                  "table": watcher.history.table.to_dict(),
-                  "structure": structure.to_dict() if structure is not None else None,
-                  "options": {"every": watcher.options.every, "flush_every": watcher.options.flush_every,
-                              "history": watcher.options.history},
-                  "notes": list(adapter.notes()), "created": time.time()}
-        self._header = json.dumps(header).encode()
-        self._new_segment()
-
-    def _new_segment(self) -> None:
-        self._segment += 1
-        self._file = open(self.dir / f"segment-{self._segment:06d}{_SUFFIX}", "wb")  # noqa: SIM115
-        self._size = 0
-        self._append(HEADER, self._header)
-
-    def _rotate(self, watcher) -> None:
-        old = self._file
-        old.flush()
-        os.fsync(old.fileno())
-        old.close()
-        self._new_segment()
-        snapshot = _pack_arrays(watcher.history.state())
-        self._snapshot_bytes = len(snapshot)
-        self._append(SNAPSHOT, snapshot)
-        self._append_verdicts(watcher)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        for path in _segments(self.dir)[:-1]:
-            path.unlink()
-
-    def _append_verdicts(self, watcher) -> None:
-        verdicts = watcher.verdicts()
-        if verdicts is None:
-            return
-        rec = {"step": watcher.step, "monitoring": watcher.monitoring, "verdicts": verdicts.to_dict()}
-        self._append(VERDICTS, json.dumps(rec).encode())
-        self._findings_written = len(verdicts.findings)
-
-    def _append(self, kind: int, payload: bytes) -> None:
-        head = _HEAD.pack(_MAGIC, kind, len(payload), zlib.crc32(payload))
-        self._file.write(head)
-        self._file.write(payload)
-        self._size += len(head) + len(payload)
+def frame(kind: int, payload: bytes) -> bytes:
+    """One record as written to a segment: the frame head, then the payload."""
+    return _HEAD.pack(_MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
 
 
-def _batch_arrays(batch: StepBatch) -> dict[str, np.ndarray]:
+def segment_path(directory: Path, index: int) -> Path:
+    return directory / f"segment-{index:06d}{_SUFFIX}"
+
+
+def batch_arrays(batch: StepBatch) -> dict[str, np.ndarray]:
+    """A flush's statistics as the arrays a STATS record holds."""
     out = {"steps": batch.steps, "values": batch.values.astype(np.float32), "skipped": batch.skipped}
     out.update({f"extra_{k}": v for k, v in batch.extras.items()})
     return out
@@ -252,12 +137,12 @@ def read_log(log_dir: str | os.PathLike) -> RunLog:
     if not directory.is_dir():
         raise LogError(f"no gradwatch run log at {str(directory)!r}: the directory does not exist. Write one with "
                        "gradwatch.attach(model, log_dir=...) or KerasCallback(log_dir=...).")
-    segments = _segments(directory)
-    if not segments:
+    found = segments(directory)
+    if not found:
         raise LogError(f"{str(directory)!r} holds no gradwatch run log (no segment-*{_SUFFIX} files). Write one "
                        "with gradwatch.attach(model, log_dir=...) or KerasCallback(log_dir=...).")
     problems = []
-    for path in reversed(segments):  # the newest segment with an intact start wins
+    for path in reversed(found):  # the newest segment with an intact start wins
         records, damage = _read_records(path)
         try:
             return _rebuild(path, records, damage)
@@ -315,3 +200,12 @@ def load_report(log_dir: str | os.PathLike) -> Report:
     return build_report(framework=header["framework"], model_type=header["model_type"], step=run.step,
                         history=run.history, verdicts=run.verdicts, structure=structure, notes=tuple(notes),
                         monitoring=monitoring)
+
+
+def __getattr__(name: str):
+    # The writer moved to gradwatch.reporters.runlog with the other reporters; the old import path keeps working.
+    if name == "RunLogWriter":
+        from gradwatch.reporters.runlog import RunLogWriter
+
+        return RunLogWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

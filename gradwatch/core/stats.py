@@ -12,15 +12,63 @@ stays bounded however long training runs.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["STAT_NAMES", "History", "LayerRows", "ParamTable", "StepBatch"]
+__all__ = ["PROFILE_KINDS", "SATURATION_MARGIN", "STAT_NAMES", "TIME_EDGE_DIVISOR", "TYPICAL_UPDATE_RATIO",
+           "ActivationRows", "History", "LayerRows", "ParamTable", "StepBatch", "param_role", "time_decades"]
 
 #: The per-parameter statistics, in the order of ``StepBatch.values``'s last axis.
 STAT_NAMES = ("grad_norm", "grad_max", "nonfinite", "weight_norm", "update_norm")
 GRAD_NORM, GRAD_MAX, NONFINITE, WEIGHT_NORM, UPDATE_NORM = range(len(STAT_NAMES))
+
+#: A sigmoid or tanh output within this fraction of its range from an asymptote counts as saturated: both
+#: adapters measure saturation with this cut (the derivative there is below 1% of its peak).
+SATURATION_MARGIN = 0.01
+#: The gradient through time is compared between the first and the last ``1/TIME_EDGE_DIVISOR`` of the time
+#: steps (each edge averaged, at least one step), so one noisy step does not decide it.
+TIME_EDGE_DIVISOR = 10
+#: A steady per-step update ratio ``||dw||/||w||`` (Karpathy, CS231n notes: "somewhere around 1e-3").
+TYPICAL_UPDATE_RATIO = 1e-3
+#: Layer kinds whose gradients take part in the depth profile. Embedding tables receive gradients only in
+#: the rows a batch uses and normalization gains scale differently, so neither is compared with the rest.
+PROFILE_KINDS = frozenset({"dense", "conv", "recurrent", "attention"})
+
+
+def param_role(short_name: str, ndim: int) -> str:
+    """``"bias"``, ``"weight"`` or the parameter's own short name: the role shown per parameter in reports.
+
+    Example:
+        >>> param_role("bias", 1), param_role("kernel", 2), param_role("gamma", 1)
+        ('bias', 'weight', 'gamma')
+    """
+    if "bias" in short_name:
+        return "bias"
+    if "weight" in short_name or ndim >= 2:
+        return "weight"
+    return short_name
+
+
+def time_decades(per_step: np.ndarray) -> float:
+    """log10 of the gradient norm at the last time steps over that at the first (see :data:`TIME_EDGE_DIVISOR`):
+    positive when the gradient fades toward the start of the sequence; ``inf`` when nothing reaches the start,
+    NaN for fewer than 4 steps or no gradient at all. The Keras adapter computes the same in its graph.
+
+    Example:
+        >>> round(time_decades(np.logspace(-3, 0, 20)), 2)
+        2.84
+    """
+    g = np.asarray(per_step, dtype=np.float64)
+    if len(g) < 4:
+        return math.nan
+    edge = max(1, len(g) // TIME_EDGE_DIVISOR)
+    last, first = float(np.mean(g[-edge:])), float(np.mean(g[:edge]))
+    if first > 0 and last > 0:
+        return math.log10(last / first)
+    return math.inf if last > 0 else math.nan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +112,36 @@ class ParamTable:
             raise ValueError("ParamTable: parameters must be grouped by layer in layer order, every layer owning one")
         starts = np.flatnonzero(np.r_[True, np.diff(layers) != 0]) if n else np.zeros(0, dtype=np.int64)
         object.__setattr__(self, "layer_starts", starts)
+
+    @classmethod
+    def build(cls, layers: Sequence[tuple[str, str, str, Sequence[tuple[str, str, tuple[int, ...], bool]]]]
+              ) -> ParamTable:
+        """The table for ``layers``, input to output: each ``(name, type, kind, params)`` with ``params`` as
+        ``(qualified name, short name, shape, trainable)``. Both adapters build their table with this.
+
+        Example:
+            >>> t = ParamTable.build([("fc", "Linear", "dense", [("fc.weight", "weight", (2, 3), True),
+            ...                                                   ("fc.bias", "bias", (2,), True)])])
+            >>> t.param_roles, t.param_numel, t.profile
+            (('weight', 'bias'), (6, 2), (True,))
+        """
+        names, types, profile = [], [], []
+        pnames, players, roles, numel, shapes, trainable = [], [], [], [], [], []
+        for li, (name, type_, kind, params) in enumerate(layers):
+            names.append(name)
+            types.append(type_)
+            profile.append(kind in PROFILE_KINDS)
+            for qual, short, shape, train in params:
+                shape = tuple(int(s) for s in shape)
+                pnames.append(qual)
+                players.append(li)
+                roles.append(param_role(short, len(shape)))
+                numel.append(math.prod(shape))
+                shapes.append(shape)
+                trainable.append(bool(train))
+        return cls(layer_names=tuple(names), layer_types=tuple(types), param_names=tuple(pnames),
+                   param_layer=tuple(players), param_roles=tuple(roles), param_numel=tuple(numel),
+                   param_shapes=tuple(shapes), param_trainable=tuple(trainable), profile=tuple(profile))
 
     @property
     def n_layers(self) -> int:
@@ -181,6 +259,24 @@ class LayerRows:
         return len(self.steps)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActivationRows:
+    """Sampled forward statistics per layer, shape ``(n_rows, n_layers)``; NaN where not applicable.
+
+    ``saturation``: fraction of outputs of a sigmoid/tanh within :data:`SATURATION_MARGIN` of its asymptotes.
+    ``dead``: fraction of ReLU units that were zero for the whole batch. ``rms``: RMS of the layer's activation
+    output. ``time_decades`` is, for recurrent layers, :func:`time_decades` of the gradient reaching each time
+    step's input (positive: it vanishes toward the start of the sequence).
+    """
+
+    steps: np.ndarray
+    saturation: np.ndarray
+    dead: np.ndarray
+    rms: np.ndarray
+    nonfinite: np.ndarray
+    time_decades: np.ndarray
+
+
 class History:
     """Bounded record of every flushed step.
 
@@ -249,10 +345,12 @@ class History:
             return
         a, b = slice(0, half, 2), slice(1, half, 2)
         va, vb = self._values[a].astype(np.float64), self._values[b].astype(np.float64)
+        # Each side weighs as many steps as it already stands for, so a row is the RMS over all of its steps.
+        wa, wb = self._span[a].astype(np.float64), self._span[b].astype(np.float64)
         merged = np.empty_like(va)
         with np.errstate(over="ignore", invalid="ignore"):
             for s in (GRAD_NORM, UPDATE_NORM):
-                merged[..., s] = _rms_pair(va[..., s], vb[..., s])
+                merged[..., s] = _rms_pair(va[..., s], vb[..., s], wa[:, None], wb[:, None])
             merged[..., GRAD_MAX] = np.fmax(va[..., GRAD_MAX], vb[..., GRAD_MAX])
             merged[..., NONFINITE] = np.nansum(np.stack([va[..., NONFINITE], vb[..., NONFINITE]]), axis=0)
             both_nan = np.isnan(va[..., NONFINITE]) & np.isnan(vb[..., NONFINITE])
@@ -271,7 +369,7 @@ class History:
         self._skipped[:m] = self._skipped[a] + self._skipped[b]
         self._skipped[m:m + n_rest] = self._skipped[rest].copy()
         for arr in self._extras.values():
-            arr[:m] = _nanmean_pair(arr[a], arr[b])
+            arr[:m] = _nanmean_pair(arr[a], arr[b], wa, wb)
             arr[m:m + n_rest] = arr[rest].copy()
         self._n = m + n_rest
         self._values[self._n:] = np.nan
@@ -333,14 +431,16 @@ class History:
         return LayerRows.from_values(self.steps, self.values, self.table, self._skipped[:self._n] > 0)
 
 
-def _nanmean_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Mean of two arrays, ignoring a NaN on one side; NaN where both are."""
-    count = (~np.isnan(a)).astype(np.float64) + (~np.isnan(b))
-    total = np.nan_to_num(a, nan=0.0, posinf=np.inf) + np.nan_to_num(b, nan=0.0, posinf=np.inf)
+def _nanmean_pair(a: np.ndarray, b: np.ndarray, wa: np.ndarray | float = 1.0,
+                  wb: np.ndarray | float = 1.0) -> np.ndarray:
+    """Weighted mean of two arrays, ignoring a NaN on one side; NaN where both are."""
+    na, nb = ~np.isnan(a), ~np.isnan(b)
+    weight = na * wa + nb * wb
+    total = np.nan_to_num(a, nan=0.0, posinf=np.inf) * (na * wa) + np.nan_to_num(b, nan=0.0, posinf=np.inf) * (nb * wb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
 
 
-def _rms_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root mean square of two arrays, ignoring a NaN on one side."""
-    return np.sqrt(_nanmean_pair(a * a, b * b))
+def _rms_pair(a: np.ndarray, b: np.ndarray, wa: np.ndarray | float = 1.0, wb: np.ndarray | float = 1.0) -> np.ndarray:
+    """Root mean square of two arrays weighted by the steps each stands for, ignoring a NaN on one side."""
+    return np.sqrt(_nanmean_pair(a * a, b * b, wa, wb))

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from gradwatch.core.stats import PROFILE_KINDS
+
 __all__ = [
     "ACTIVATION_GAIN",
     "LayerInfo",
@@ -23,9 +25,6 @@ __all__ = [
 
 LayerKind = Literal["dense", "conv", "recurrent", "attention", "embedding", "norm", "other"]
 
-#: Layer kinds whose gradients take part in the depth profile. Embedding tables receive gradients only in
-#: the rows a batch uses and normalization gains scale differently, so neither is compared with the rest.
-PROFILE_KINDS = frozenset({"dense", "conv", "recurrent", "attention"})
 
 #: Activations that saturate (derivative near zero for large inputs).
 SATURATING = frozenset({"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"})

@@ -1,5 +1,32 @@
-"""Reporters: where findings and summaries go. Third-party sinks such as W&B live in gradwatch.integrations."""
+"""Every reporter, and the names ``reporters=[...]`` accepts.
 
-from gradwatch.reporters.base import Reporter
+- ``"console"``: :class:`ConsoleReporter` (rich), a block per new finding and the summary at detach.
+- ``"wandb"``: :class:`~gradwatch.reporters.wandb.WandbReporter`, to the active Weights & Biases run (also
+  ``gradwatch.integrations.wandb.WandbReporter``).
+- ``log_dir=``: :class:`RunLogWriter`, the append-only run log that :func:`gradwatch.load` reads.
 
-__all__ = ["Reporter"]
+The interface each one implements, and when each hook runs, is :mod:`gradwatch.reporters.base`.
+"""
+
+from __future__ import annotations
+
+from gradwatch.reporters.base import Flush, Reporter, WatchInfo
+from gradwatch.reporters.console import ConsoleReporter
+from gradwatch.reporters.runlog import RunLogWriter
+
+__all__ = ["REPORTER_NAMES", "ConsoleReporter", "Flush", "Reporter", "RunLogWriter", "WatchInfo", "make_reporter"]
+
+#: The names ``reporters=[...]`` accepts.
+REPORTER_NAMES = ("console", "wandb")
+
+
+def make_reporter(name: str) -> Reporter:
+    """The reporter a name in ``reporters=[...]`` stands for (made when the watch starts)."""
+    if name == "console":
+        return ConsoleReporter()
+    if name == "wandb":
+        from gradwatch.reporters.wandb import WandbReporter
+
+        return WandbReporter()
+    raise ValueError(f"unknown reporter {name!r}; accepted names: {', '.join(map(repr, REPORTER_NAMES))}, or a "
+                     "gradwatch.Reporter instance")

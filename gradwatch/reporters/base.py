@@ -1,34 +1,97 @@
-"""What a reporter receives from the watcher."""
+"""The reporter interface: what each hook receives, and when.
+
+A reporter gets everything it needs through its hook arguments (records, never the watcher), so reporters
+live above the core and below the watcher, and a new one needs nothing but this module.
+
+Timing, for every front end (PyTorch hooks, the Keras callback, the training-framework callbacks):
+
+- :meth:`Reporter.on_attach` once, when the watch starts, before any training step.
+- :meth:`Reporter.on_flush` after a flush pulled new gradient rows from the device: every ``flush_every``
+  training steps, on :meth:`~gradwatch.Watcher.report` and at detach. The gradients it describes are the ones
+  the optimizer applied (after gradient accumulation, unscaled when a loss scaler is given, after any clipping
+  the user does before ``step()``).
+- :meth:`Reporter.on_findings` right after the flush that first saw them (also a flush that brought only
+  activation samples).
+- :meth:`Reporter.on_close` once, at detach (also on ``with`` exit after an exception), with the final report.
+
+A reporter's exception never reaches the user's training: the watcher warns once and drops that reporter
+(unless ``strict=True``).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gradwatch._watcher import Watcher
     from gradwatch.core.report import Finding, Report
-    from gradwatch.core.stats import LayerRows
+    from gradwatch.core.stats import History, LayerRows, ParamTable, StepBatch
+    from gradwatch.core.structure import Structure
+    from gradwatch.core.summarize import Verdicts
 
-__all__ = ["Reporter"]
+__all__ = ["Flush", "Reporter", "WatchInfo"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchInfo:
+    """What a reporter learns when a watch starts.
+
+    Args:
+        framework: ``"torch"`` or ``"keras"``.
+        model_type: The model's class name.
+        options: The watch's options as plain values (``every``, ``flush_every``, ``history``, ...).
+    """
+
+    framework: str
+    model_type: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Flush:
+    """One flush: what it pulled from the device and what the detector concluded after it.
+
+    Args:
+        step: The last training step seen.
+        table: The watched parameters and their layers.
+        batch: The per-parameter rows this flush pulled (``None`` when it brought only activation samples).
+        rows: ``batch`` aggregated to layers, or ``None`` likewise.
+        history: The bounded history, this flush included.
+        verdicts: The detector's conclusions so far.
+        structure: The model structure the adapter read, or ``None``.
+        notes: The adapter's caveats so far.
+        monitoring: ``"on"``, or ``"off: <reason>"`` after an internal error.
+        report: Builds the :class:`~gradwatch.Report` as of this flush (recommendations included); call it only
+            when needed, it costs a summary.
+    """
+
+    step: int
+    table: ParamTable
+    batch: StepBatch | None
+    rows: LayerRows | None
+    history: History
+    verdicts: Verdicts
+    structure: Structure | None
+    notes: tuple[str, ...]
+    monitoring: str
+    report: Callable[[], Report]
 
 
 class Reporter:
-    """Base class of reporters. Override the hooks you need; the others do nothing.
-
-    A reporter's exception never reaches the user's training: the watcher warns once and drops that reporter
-    (unless ``strict=True``).
-    """
+    """Base class of reporters. Override the hooks you need; the others do nothing (see the module docs for
+    when each runs)."""
 
     name = "reporter"
 
-    def on_attach(self, watcher: Watcher) -> None:
-        """The watcher is attached (called once)."""
+    def on_attach(self, info: WatchInfo) -> None:
+        """The watch started (called once)."""
 
-    def on_flush(self, watcher: Watcher, rows: LayerRows) -> None:
-        """New steps were pulled from the device: ``rows`` holds their per-layer figures."""
+    def on_flush(self, flush: Flush) -> None:
+        """New gradient rows were pulled from the device and judged."""
 
-    def on_findings(self, watcher: Watcher, findings: Sequence[Finding]) -> None:
-        """Findings that appeared for the first time."""
+    def on_findings(self, findings: Sequence[Finding], flush: Flush) -> None:
+        """Findings that appeared for the first time, with the flush that first saw them."""
 
-    def on_close(self, watcher: Watcher, report: Report) -> None:
-        """The watcher detached (also on ``with`` exit, also after an exception)."""
+    def on_close(self, report: Report) -> None:
+        """The watch ended: the final report."""

@@ -6,7 +6,8 @@ with ``gradwatch.attach(model, opt, reporters=[])`` and with ``wandb.watch(model
 log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP, a small CNN and a SimpleRNN, ``fit()`` plain, with
 ``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
 
-Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras] [--rounds 7]
+Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras]
+[--rounds 7]
 Prints a Markdown table: median step time per variant and its ratio to the plain run.
 """
 

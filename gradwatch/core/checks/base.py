@@ -1,0 +1,240 @@
+"""What every check shares: the rows it reads, the ledger of episodes, the hysteresis voter, the base class.
+
+A check is one finding family (as Cockpit's quantities are one class each behind a small base). The detector
+hands every check each gradient row and each activation sample; a check reads what it needs and opens,
+extends, describes or closes episodes in the shared :class:`Ledger`. Most checks decide through a
+:class:`Voter`: a per-layer condition must hold on most of a window before an episode opens, and almost never
+before it closes, so findings neither flap nor fire on one noisy step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from gradwatch.core.checks.thresholds import Thresholds
+from gradwatch.core.stats import ActivationRows, LayerRows
+
+__all__ = ["Check", "CheckContext", "Episode", "GradStep", "Ledger", "Voter", "quiet"]
+
+
+@dataclass(frozen=True, slots=True)
+class GradStep:
+    """One collected step's per-layer gradient figures (arrays of ``n_layers``), as every check reads them.
+
+    ``finite`` is whether every present gradient was finite; ``skipped`` whether a loss scaler skipped it.
+    """
+
+    step: int
+    rms: np.ndarray
+    update_ratio: np.ndarray
+    grad_norm: np.ndarray
+    grad_max: np.ndarray
+    nonfinite: np.ndarray
+    present: np.ndarray
+    nonfinite_measured: bool
+    skipped: bool
+
+    @classmethod
+    def of(cls, rows: LayerRows, i: int) -> GradStep:
+        return cls(step=int(rows.steps[i]), rms=rows.grad_rms[i], update_ratio=rows.update_ratio[i],
+                   grad_norm=rows.grad_norm[i], grad_max=rows.grad_max[i], nonfinite=rows.nonfinite[i],
+                   present=rows.present[i], nonfinite_measured=bool(rows.nonfinite_measured[i]),
+                   skipped=bool(rows.skipped[i]))
+
+    @property
+    def finite(self) -> bool:
+        return not (self.nonfinite > 0).any() and bool(np.all(np.isfinite(self.rms[self.present])))
+
+
+@dataclass(slots=True)
+class Episode:
+    """A finding while it is being judged: opened, extended to more layers, described, closed."""
+
+    kind: str
+    check: str
+    first_step: int
+    last_step: int
+    layers: dict[int, int] = field(default_factory=dict)  # layer index -> first step
+    evidence: dict = field(default_factory=dict)
+    severity: str = "warning"
+    message: str = ""
+    active: bool = True
+    announced: bool = False
+
+
+class Ledger:
+    """Every episode of a watch, at most one open per key (a key is a kind, or a kind with its scope)."""
+
+    def __init__(self) -> None:
+        self.episodes: list[Episode] = []
+        self._open: dict[str, Episode] = {}
+
+    def get(self, key: str) -> Episode | None:
+        return self._open.get(key)
+
+    def open(self, key: str, kind: str, check: str, step: int, layers, severity: str = "warning") -> Episode:
+        ep = Episode(kind=kind, check=check, first_step=step, last_step=step, severity=severity,
+                     layers={int(li): step for li in layers})
+        self.episodes.append(ep)
+        self._open[key] = ep
+        return ep
+
+    def close(self, key: str, step: int) -> None:
+        ep = self._open.pop(key, None)
+        if ep is not None:
+            ep.active = False
+            ep.last_step = step
+
+    def announce(self) -> list[Episode]:
+        """The episodes not handed out yet, marked as handed out."""
+        new = [e for e in self.episodes if not e.announced]
+        for e in new:
+            e.announced = True
+        return new
+
+
+class Voter:
+    """Hysteresis over a window of per-layer flags for one ledger key.
+
+    An episode opens for the layers whose condition held on at least ``on_fraction`` of the window, dated from
+    the first vote in which it held, and closes once none of its layers held on more than ``off_fraction``.
+
+    Args:
+        ledger: Where the episode lives.
+        key: Its ledger key.
+        kind: The public finding kind.
+        check: The name of the check that votes.
+        window: Votes judged over.
+        on_fraction: Share of the window that opens an episode.
+        off_fraction: Share at or below which it closes.
+    """
+
+    def __init__(self, ledger: Ledger, key: str, kind: str, check: str, *, window: int, on_fraction: float,
+                 off_fraction: float) -> None:
+        self.ledger, self.key, self.kind, self.check = ledger, key, kind, check
+        self.votes: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
+        self.on_fraction, self.off_fraction = on_fraction, off_fraction
+
+    def vote(self, step: int, flags: np.ndarray) -> Episode | None:
+        """Add one vote; return the episode that is open after it (``None`` when none is, or it just closed)."""
+        votes = self.votes
+        votes.append((step, flags))
+        frac = np.sum([f for _, f in votes], axis=0) / votes.maxlen
+        on = frac >= self.on_fraction
+        ep = self.ledger.get(self.key)
+        if ep is None:
+            if not on.any():
+                return None
+            layers = np.flatnonzero(on)
+            # The condition has held on most of the window: date the episode from where it started holding.
+            first = next(s for s, f in votes if f[layers].any())
+            ep = self.ledger.open(self.key, self.kind, self.check, first, layers)
+        else:
+            for li in np.flatnonzero(on):
+                ep.layers.setdefault(int(li), step)
+            if not any(frac[li] > self.off_fraction for li in ep.layers):
+                self.ledger.close(self.key, step)
+                return None
+        ep.last_step = step
+        return ep
+
+
+@dataclass(slots=True)
+class CheckContext:
+    """What the detector shares with its checks.
+
+    Args:
+        names: The user's layer names, input to output.
+        profile: Per layer, whether it takes part in the depth profile.
+        plain_recurrent: Per layer, whether it is a plain (ungated) recurrent layer.
+        thresholds: The cut-offs.
+        ledger: The episodes.
+        recent: The last ``window`` finite, applied steps.
+    """
+
+    names: tuple[str, ...]
+    profile: np.ndarray
+    plain_recurrent: np.ndarray
+    thresholds: Thresholds
+    ledger: Ledger
+    recent: deque[GradStep]
+
+    def recent_medians(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Median gradient RMS, update ratio and gradient norm per layer over the recent window."""
+        n = len(self.names)
+        if not self.recent:
+            nan = np.full(n, np.nan)
+            return nan, nan.copy(), nan.copy()
+        stack = [np.stack([getattr(r, k) for r in self.recent]) for k in ("rms", "update_ratio", "grad_norm")]
+        with quiet():
+            return tuple(np.nanmedian(s, axis=0) for s in stack)  # type: ignore[return-value]
+
+
+class Check:
+    """One finding family. Override the hooks it needs; the others do nothing.
+
+    Hooks run in the order of the detector's checks, for every row: :meth:`on_grad` for each collected step
+    (skipped and non-finite ones included: a check looks at ``row.skipped`` and ``row.finite``), and
+    :meth:`on_activations` for each activation sample whose outputs were all finite.
+    """
+
+    #: The check's name, carried by its findings as ``Finding.check``.
+    name: ClassVar[str] = ""
+    #: The public finding kinds it can raise.
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, ctx: CheckContext) -> None:
+        self.ctx = ctx
+        self.t = ctx.thresholds
+        self.names = ctx.names
+
+    def voter(self, key: str, kind: str, window: int | None = None) -> Voter:
+        t = self.t
+        return Voter(self.ctx.ledger, key, kind, self.name, window=window or t.window, on_fraction=t.on_fraction,
+                     off_fraction=t.off_fraction)
+
+    def on_grad(self, row: GradStep) -> None:
+        """A collected step's gradients."""
+
+    def on_activations(self, step: int, acts: ActivationRows, i: int) -> None:
+        """Row ``i`` of an activation sample (taken at training step ``step``)."""
+
+
+class quiet(np.errstate):
+    """Silence numpy's floating-point warnings (NaN and inf are expected inputs here)."""
+
+    def __init__(self) -> None:
+        super().__init__(all="ignore")
+
+    def __enter__(self):
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._w.__exit__(*exc)
+
+
+def fmt(x: float) -> str:
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.2g}" if x != 0 else "0"
+
+
+def decades_text(d: float) -> str:
+    return "all the way to zero" if not math.isfinite(d) else f"{d:.1f} orders of magnitude"
+
+
+def span(names: list[str]) -> str:
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{names[0]} … {names[-1]}"
