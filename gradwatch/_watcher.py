@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
 
 
+def _trainable_layers(table) -> tuple[bool, ...]:
+    flags = [False] * table.n_layers
+    for li, trainable in zip(table.param_layer, table.param_trainable):
+        flags[li] |= trainable
+    return tuple(flags)
+
+
 def _make_reporters(options: WatchOptions) -> list[Reporter]:
     out = [make_reporter(r) if isinstance(r, str) else r for r in options.reporters]
     if options.log_dir is not None:
@@ -156,11 +163,15 @@ class Watcher:
             if self._history is None:
                 self._history = History(table, capacity=self.options.history)
                 structure = self.adapter.structure
-                plain = None
+                plain = gated = None
                 if structure is not None and len(structure.layers) == table.n_layers:
-                    plain = tuple((la.recurrent_cell or "").startswith("rnn") for la in structure.layers)
+                    cells = [la.recurrent_cell or "" for la in structure.layers]
+                    plain = tuple(c.startswith("rnn") for c in cells)
+                    gated = tuple(c in ("lstm", "gru") for c in cells)
                 self._detector = Detector(table.layer_names, table.profile, self.options.thresholds,
-                                          plain_recurrent=plain)
+                                          plain_recurrent=plain, gated_recurrent=gated,
+                                          adaptive=bool(structure is not None and structure.adaptive_optimizer),
+                                          trainable=_trainable_layers(table))
             new: list[Finding] = []
             rows = None
             batch = batch if batch is not None and len(batch) else None

@@ -20,6 +20,7 @@ as without gradwatch.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 
 from gradwatch.adapters.base import Adapter, Sink
 from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, TIME_EDGE_DIVISOR, ActivationRows, ParamTable, StepBatch
-from gradwatch.core.structure import LayerInfo, Structure
+from gradwatch.core.structure import LayerInfo, Structure, adaptive_optimizer
 from gradwatch.errors import AttachError
 
 if TYPE_CHECKING:
@@ -455,6 +456,10 @@ class KerasAdapter(Adapter):
             raise AttachError(f"{type(model).__name__} has no trainable weights: there are no gradients to watch.")
         self._table = ParamTable.build(entries)
         self._structure = self._read_structure(infos)
+        opt = getattr(model, "optimizer", None)
+        name = type(getattr(opt, "inner_optimizer", opt)).__name__ if opt is not None else None
+        self._structure = dataclasses.replace(self._structure, optimizer=name,
+                                              adaptive_optimizer=adaptive_optimizer(name))
 
     def _read_structure(self, infos) -> Structure:
         model = self.model

@@ -16,6 +16,7 @@ flush.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from torch.utils.hooks import unserializable_hook
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
 from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, ActivationRows, ParamTable, StepBatch, time_decades
-from gradwatch.core.structure import Structure
+from gradwatch.core.structure import Structure, adaptive_optimizer
 from gradwatch.errors import AttachError
 
 if TYPE_CHECKING:
@@ -260,6 +261,10 @@ class TorchAdapter(Adapter):
         self._feeders: dict[str, str] = {}
         try:
             self._structure, self._feeders = read_structure(self.root, order, self._order)
+            if self.optimizer is not None:
+                name = type(self.optimizer).__name__
+                self._structure = dataclasses.replace(self._structure, optimizer=name,
+                                                      adaptive_optimizer=adaptive_optimizer(name))
         except Exception as exc:  # noqa: BLE001 - structure is advisory; gradients are still judged
             self._structure = None
             self._notes.append(f"Model structure could not be read ({type(exc).__name__}: {exc}).")

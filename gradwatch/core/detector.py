@@ -23,6 +23,7 @@ from gradwatch.core.checks.nonfinite import NonfiniteCheck
 from gradwatch.core.kinds import HEALTH_KINDS
 from gradwatch.core.report import Finding
 from gradwatch.core.stats import ActivationRows, LayerRows
+from gradwatch.core.structure import role_of
 
 __all__ = ["ActivationRows", "Detector", "Thresholds"]
 
@@ -35,21 +36,32 @@ class Detector:
         profile: Per layer, whether it takes part in the depth profile.
         thresholds: Cut-offs. Defaults to :class:`Thresholds`'s defaults.
         plain_recurrent: Per layer, whether it is a plain (ungated) recurrent layer, for which vanishing through
-            time is judged. Defaults to every layer.
+            time is judged at ``Thresholds.time_decades``. Defaults to every layer.
+        gated_recurrent: Per layer, whether it is a gated recurrent layer (LSTM, GRU), judged through time at
+            ``Thresholds.gated_time_decades``. Defaults to none.
+        adaptive: Whether the optimizer rescales gradients per coordinate (Adam, RMSprop, ...): then a layer with a
+            small gradient vanishes only if its updates are small too. Defaults to ``False``.
+        trainable: Per layer, whether it has a trainable parameter. Defaults to every layer.
         checks: The check classes to run, in order. Defaults to
             :data:`~gradwatch.core.checks.DEFAULT_CHECKS`.
     """
 
     def __init__(self, layer_names: tuple[str, ...], profile: tuple[bool, ...],
                  thresholds: Thresholds | None = None, *, plain_recurrent: tuple[bool, ...] | None = None,
-                 checks: Sequence[type[Check]] | None = None) -> None:
+                 gated_recurrent: tuple[bool, ...] | None = None, adaptive: bool = False,
+                 trainable: tuple[bool, ...] | None = None, checks: Sequence[type[Check]] | None = None) -> None:
         self.names = tuple(layer_names)
         self.t = thresholds or Thresholds()
         self.ledger = Ledger()
+        n = len(self.names)
+
+        def flags(values, default: bool) -> np.ndarray:
+            return np.asarray(values if values is not None else [default] * n, dtype=bool)
+
         self.ctx = CheckContext(
-            names=self.names, profile=np.asarray(profile, dtype=bool),
-            plain_recurrent=np.asarray(plain_recurrent if plain_recurrent is not None else [True] * len(self.names),
-                                       dtype=bool),
+            names=self.names, profile=flags(profile, True), plain_recurrent=flags(plain_recurrent, True),
+            gated_recurrent=flags(gated_recurrent, False), trainable=flags(trainable, True),
+            roles=tuple(role_of(name) for name in self.names), adaptive=adaptive,
             thresholds=self.t, ledger=self.ledger, recent=deque(maxlen=self.t.window))
         self.checks = [cls(self.ctx) for cls in (checks if checks is not None else DEFAULT_CHECKS)]
         self.last_step = 0

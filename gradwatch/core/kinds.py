@@ -9,11 +9,11 @@ from typing import Literal
 
 __all__ = ["HEALTH_KINDS", "FindingKind", "Fix", "LayerStatus", "Severity"]
 
-FindingKind = Literal["vanishing", "exploding", "nonfinite", "saturation", "dead_units"]
+FindingKind = Literal["vanishing", "exploding", "nonfinite", "no_gradient", "saturation", "dead_units"]
 Severity = Literal["info", "warning", "critical"]
 Fix = Literal["relu", "he_init", "xavier_init", "batch_norm", "layer_norm", "skip_connections",
-              "gradient_clipping", "lower_learning_rate", "gated_rnn", "leaky_relu"]
-LayerStatus = Literal["ok", "vanishing", "exploding", "nonfinite", "frozen", "no_grad"]
+              "gradient_clipping", "lower_learning_rate", "gated_rnn", "leaky_relu", "forget_gate_bias"]
+LayerStatus = Literal["ok", "vanishing", "exploding", "nonfinite", "no_gradient", "frozen", "no_grad"]
 
-#: Finding kinds that make a report unhealthy.
-HEALTH_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
+#: Finding kinds that make a report unhealthy: the gradient cannot train the model as it is.
+HEALTH_KINDS = frozenset({"vanishing", "exploding", "nonfinite", "no_gradient"})

@@ -214,7 +214,7 @@ class Report:
 
     @property
     def healthy(self) -> bool:
-        """``True`` when there is no vanishing, exploding or non-finite finding."""
+        """``True`` when there is no vanishing, exploding, non-finite or no-gradient finding."""
         return not any(f.kind in HEALTH_KINDS for f in self.findings)
 
     def findings_of(self, kind: str) -> tuple[Finding, ...]:

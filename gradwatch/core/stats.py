@@ -232,7 +232,7 @@ class LayerRows:
         numel = np.asarray(table.param_numel, dtype=np.float64)
         gn = v[..., GRAD_NORM]
         present_p = ~np.isnan(gn)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             sq = np.where(present_p, gn * gn, 0.0)
             layer_sq = np.add.reduceat(sq, starts, axis=1)
             layer_numel = np.add.reduceat(present_p * numel, starts, axis=1)

@@ -9,6 +9,7 @@ additions that join an earlier tensor (skip connections) and recurrent cells.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -16,6 +17,8 @@ from gradwatch.core.stats import PROFILE_KINDS
 
 __all__ = [
     "ACTIVATION_GAIN",
+    "adaptive_optimizer",
+    "role_of",
     "LayerInfo",
     "LayerKind",
     "Structure",
@@ -37,6 +40,33 @@ RELU_FAMILY = frozenset({"relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "
 ACTIVATION_GAIN = {"relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + 0.01 ** 2)), "tanh": 5.0 / 3,
                    "sigmoid": 1.0, "selu": 0.75, "linear": 1.0, "gelu": math.sqrt(2.0), "silu": math.sqrt(2.0),
                    "elu": math.sqrt(2.0)}
+
+
+#: Optimizers that rescale each gradient coordinate by its own running size (Adam and kin, RMSprop, Adagrad, ...):
+#: under them a small gradient is not a small update (Kingma & Ba 2015, section 2.1), so "not learning" is judged
+#: by the update ratio. Sign-based optimizers (Lion) are scale-invariant too.
+_ADAPTIVE = ("adam", "rmsprop", "adagrad", "adadelta", "adafactor", "lion", "lamb", "sophia", "shampoo", "muon")
+
+
+def adaptive_optimizer(name: str | None) -> bool:
+    """Whether an optimizer class name is one that rescales gradients per coordinate.
+
+    Example:
+        >>> adaptive_optimizer("AdamW"), adaptive_optimizer("SGD"), adaptive_optimizer(None)
+        (True, False, False)
+    """
+    return bool(name) and any(key in name.lower() for key in _ADAPTIVE)
+
+
+def role_of(name: str) -> str:
+    """A layer's role: its name with every run of digits replaced by ``#``, so the same layer in every block of a
+    stack shares one role (``encoder.layer.#.attention.self.query``) and is compared with its peers.
+
+    Example:
+        >>> role_of("bert.encoder.layer.11.attention.self.query"), role_of("3"), role_of("head")
+        ('bert.encoder.layer.#.attention.self.query', '#', 'head')
+    """
+    return re.sub(r"\d+", "#", name)
 
 
 def he_std(fan_in: int) -> float:
@@ -130,6 +160,8 @@ class Structure:
         traced: Whether the functional graph was read (torch.fx or the Keras graph); ``False`` means only
             modules were seen, so functional activations and skip connections may be missing.
         notes: Anything the adapter could not read, for the report.
+        optimizer: The optimizer's class name, where known.
+        adaptive_optimizer: Whether that optimizer rescales gradients per coordinate (Adam, RMSprop, ...).
     """
 
     framework: str
@@ -140,6 +172,8 @@ class Structure:
     residual_layers: tuple[str, ...] = ()
     traced: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    optimizer: str | None = None
+    adaptive_optimizer: bool = False
 
     @property
     def depth(self) -> int:

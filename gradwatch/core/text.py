@@ -27,9 +27,10 @@ __all__ = ["KIND_TITLE", "finding_block", "make_console", "render", "render_text
 
 _BARS = "▁▂▃▄▅▆▇█"
 _STATUS_STYLE = {"ok": "green", "vanishing": "bold yellow", "exploding": "bold red", "nonfinite": "bold red",
-                 "frozen": "dim", "no_grad": "dim"}
+                 "no_gradient": "bold red", "frozen": "dim", "no_grad": "dim"}
 KIND_TITLE = {"vanishing": "vanishing gradients", "exploding": "exploding gradients",
-               "nonfinite": "non-finite gradients", "saturation": "saturated activations",
+               "nonfinite": "non-finite gradients", "no_gradient": "no gradient at all",
+               "saturation": "saturated activations",
                "dead_units": "dead ReLU units"}
 _MAX_ROWS = 60
 

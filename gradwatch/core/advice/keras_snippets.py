@@ -57,3 +57,7 @@ class KerasSnippets(Snippets):
             code += ("\n# where the activation is its own layer:\n"
                      "layers.ReLU()   ->   layers.LeakyReLU(negative_slope=0.01)")
         return code
+
+    def forget_bias(self, layers: list[LayerInfo]) -> str:
+        return (f"# layers {layer_list(layers)}: forget-gate bias 1 (Keras' default; keep it on)\n"
+                "layers.LSTM(units, unit_forget_bias=True)")

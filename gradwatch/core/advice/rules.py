@@ -30,6 +30,10 @@ REFERENCES = {
                   "difficult (IEEE TNN)", "Cho et al. 2014, GRU, arXiv:1406.1078"),
     "leaky_relu": ("Maas, Hannun & Ng 2013, Rectifier Nonlinearities Improve Neural Network Acoustic Models",
                    "Lu et al. 2019, Dying ReLU and Initialization, arXiv:1903.06733"),
+    "forget_gate_bias": ("Gers, Schmidhuber & Cummins 2000, Learning to Forget: Continual Prediction with LSTM "
+                         "(Neural Computation)",
+                         "Jozefowicz, Zaremba & Sutskever 2015, An Empirical Exploration of Recurrent Network "
+                         "Architectures (ICML)"),
 }
 
 #: Plain stacks at least this deep get normalization / skip-connection advice when gradients decay with depth.
@@ -96,6 +100,27 @@ class GatedRnnRule(Rule):
                     "through time is a product of Jacobians that shrinks geometrically. A gated cell (LSTM/GRU) "
                     "carries it through an additive memory path.",
                     ctx.snippets.gated(plain_rnn), ("vanishing",))
+
+
+class ForgetGateBiasRule(Rule):
+    """An LSTM whose gradient vanishes through time: start its forget gates open (bias 1)."""
+
+    fix = "forget_gate_bias"
+
+    def propose(self, ctx: Context) -> Candidate | None:
+        lstm = [la for la in ctx.structure.recurrent if la.recurrent_cell == "lstm"]
+        if not ctx.vanishing_time or not lstm:
+            return None
+        f = ctx.vanishing_time[0]
+        named = [la for la in lstm if la.name in f.layers] or lstm
+        d = max(f.evidence.get("time_decades", {}).values(), default=float("nan"))
+        names = ", ".join(la.name for la in named)
+        return _rec("forget_gate_bias", Priority.GATED_RNN, [la.name for la in named],
+                    f"The gradient reaching the first time steps is {d:.1f} orders of magnitude below the last "
+                    f"step's in {names}, an LSTM: with forget-gate bias 0 each step keeps about half of the cell "
+                    "state, so the memory path fades geometrically until the gates learn to stay open. A forget-gate "
+                    "bias of 1 starts them open (Gers et al. 2000; Jozefowicz et al. 2015).",
+                    ctx.snippets.forget_bias(named), ("vanishing",))
 
 
 class RecurrentClippingRule(Rule):
@@ -301,7 +326,8 @@ class DeadUnitsLearningRateRule(Rule):
 
 
 #: The rules ``recommend`` runs, in this order (a later rule may read what earlier ones proposed).
-DEFAULT_RULES: tuple[Rule, ...] = (ReluRule(), GatedRnnRule(), RecurrentClippingRule(), InitScaleRule(),
+DEFAULT_RULES: tuple[Rule, ...] = (ReluRule(), GatedRnnRule(), ForgetGateBiasRule(), RecurrentClippingRule(),
+                                   InitScaleRule(),
                                    NormalizationRule(), SkipConnectionsRule(), LowerLearningRateRule(),
                                    ClippingBoundRule(), LeakyReluRule(), DeadUnitsLearningRateRule())
 

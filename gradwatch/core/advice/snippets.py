@@ -42,3 +42,6 @@ class Snippets:
 
     def leaky(self, layers: list[LayerInfo]) -> str:
         raise NotImplementedError
+
+    def forget_bias(self, layers: list[LayerInfo]) -> str:
+        raise NotImplementedError

@@ -74,3 +74,14 @@ class TorchSnippets(Snippets):
 
     def leaky(self, layers: list[LayerInfo]) -> str:
         return f"# after layers {layer_list(layers)}:\nnn.ReLU()   ->   nn.LeakyReLU(0.01)"
+
+    def forget_bias(self, layers: list[LayerInfo]) -> str:
+        return (f"# once, before training: forget-gate bias 1 in {layer_list(layers)}\n"
+                f"for name in {layer_list(layers)}:\n"
+                "    lstm = model.get_submodule(name)\n"
+                "    h = lstm.hidden_size\n"
+                "    for n, b in lstm.named_parameters():\n"
+                "        if n.startswith(\"bias_ih\"):\n"
+                "            nn.init.zeros_(b); b.data[h:2 * h] = 1.0   # gates i, f, g, o: f is the second\n"
+                "        elif n.startswith(\"bias_hh\"):\n"
+                "            nn.init.zeros_(b)")

@@ -65,9 +65,10 @@ class DeadUnitsCheck(_FractionCheck):
 
 class ThroughTimeCheck(Check):
     """``vanishing`` / ``exploding`` through time in recurrent layers, from the gradient reaching each time
-    step's input: falling ``Thresholds.time_decades`` from the last step to the first is vanishing (judged for
-    plain RNN cells only: a gated cell's decay is set by forget gates it learns, Hochreiter & Schmidhuber 1997),
-    rising that much is exploding. Its findings carry ``check == "through_time"``."""
+    step's input: falling ``Thresholds.time_decades`` from the last step to the first is vanishing for a plain RNN
+    cell; a gated cell (LSTM, GRU) fades by design while its forget gates learn what to keep (Hochreiter &
+    Schmidhuber 1997), so it is vanishing only past ``Thresholds.gated_time_decades``, on most samples of the
+    window. Rising ``time_decades`` is exploding. Its findings carry ``check == "through_time"``."""
 
     name = "through_time"
     kinds = ("vanishing", "exploding")
@@ -76,17 +77,22 @@ class ThroughTimeCheck(Check):
         super().__init__(ctx)
         w = self.t.activation_window
         self._voters = {kind: self.voter(f"{kind}:time", kind, window=w) for kind in self.kinds}
+        self._gated = self.voter("vanishing:time:gated", "vanishing", window=self.t.gated_time_window)
 
     def on_activations(self, step: int, acts: ActivationRows, i: int) -> None:
         t = self.t
         dec = acts.time_decades[i]
         with quiet():
             flags = {"vanishing": self.ctx.plain_recurrent & (dec >= t.time_decades),
-                     "exploding": dec <= -t.time_decades}
+                     "exploding": dec <= -t.time_decades,
+                     "gated": self.ctx.gated_recurrent & (dec >= t.gated_time_decades)}
         ledger = self.ctx.ledger
         for kind, f in flags.items():
             key = f"{kind}:time"
-            ep = self._voters[kind].vote(step, f)
+            if kind == "gated":
+                ep, kind = self._gated.vote(step, f), "vanishing"
+            else:
+                ep = self._voters[kind].vote(step, f)
             if kind == "exploding" and ep is None and ledger.get(key) is None:
                 with quiet():
                     extreme = dec <= -t.time_extreme_factor * t.time_decades
@@ -104,6 +110,7 @@ class ThroughTimeCheck(Check):
             names = ", ".join(self.names[li] for li in layers)
             worst = max(d.values(), key=abs) if d else float("nan")
             if kind == "vanishing":
+                ep.evidence["gated"] = [self.names[li] for li in layers if self.ctx.gated_recurrent[li]]
                 ep.severity = "critical" if worst >= t.time_extreme_factor * t.time_decades else "warning"
                 ep.message = (f"Gradients vanish through time in {names}: the gradient reaching the first time "
                               f"steps is {decades_text(worst)} below the last step's, so early inputs barely train.")

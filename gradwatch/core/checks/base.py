@@ -153,6 +153,10 @@ class CheckContext:
         names: The user's layer names, input to output.
         profile: Per layer, whether it takes part in the depth profile.
         plain_recurrent: Per layer, whether it is a plain (ungated) recurrent layer.
+        gated_recurrent: Per layer, whether it is a gated recurrent layer (LSTM, GRU).
+        trainable: Per layer, whether it has a trainable parameter.
+        roles: Per layer, its role (:func:`~gradwatch.core.structure.role_of`): the same layer in every block.
+        adaptive: Whether the optimizer rescales gradients per coordinate (Adam, RMSprop, ...).
         thresholds: The cut-offs.
         ledger: The episodes.
         recent: The last ``window`` finite, applied steps.
@@ -161,6 +165,10 @@ class CheckContext:
     names: tuple[str, ...]
     profile: np.ndarray
     plain_recurrent: np.ndarray
+    gated_recurrent: np.ndarray
+    trainable: np.ndarray
+    roles: tuple[str, ...]
+    adaptive: bool
     thresholds: Thresholds
     ledger: Ledger
     recent: deque[GradStep]

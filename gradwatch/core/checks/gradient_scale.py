@@ -2,11 +2,17 @@
 
 Two views a practitioner uses, judged on every collected step and voted over a window:
 
-- **Depth profile.** Gradient RMS of each weight layer against the output side of the network. Falling by
-  orders of magnitude toward the input is vanishing; rising is exploding. This is relative, so a converged
-  model (tiny gradients everywhere because the loss is ~0) is not called vanishing.
-- **Trend over steps.** Gradient norms growing geometrically, or updates as large as the weights, are
-  exploding; early layers whose updates are far below the output layers' are vanishing.
+- **Depth profile, like with like.** A layer's gradient RMS against its peers downstream: the same role in
+  later blocks (``encoder.layer.#.attention.self.query``), or, for a layer with no peers, the output side of
+  the network. Falling by orders of magnitude toward the input is vanishing; rising is exploding. This is
+  relative, so a converged model (tiny gradients everywhere because the loss is ~0) is not called vanishing,
+  and a role that is small by design in every block (attention queries and keys while attention is uniform,
+  LayerScale-gated branches) is not compared with a differently-made layer.
+- **Learning, under adaptive optimizers.** Adam and kin rescale each coordinate, so a small gradient is not a
+  small update: there a layer vanishes only if its update ratio is also far below its reference's.
+- **Trend over steps.** Gradient norms growing geometrically, growing far above their level in the first steps
+  however slowly, or updates as large as the weights, are exploding; early layers whose updates are far below
+  the output layers' are vanishing.
 """
 
 from __future__ import annotations
@@ -47,13 +53,28 @@ class GradientScaleCheck(Check):
         super().__init__(ctx)
         self.profile = ctx.profile
         self._totals: deque[float] = deque(maxlen=self.t.trend_window)
+        self._early: list[float] = []  # the total norm on the first `window` steps
+        self._late: deque[float] = deque(maxlen=self.t.window)
+        self._seen = 0
+        self._last_ur = np.full(len(self.names), np.nan)  # the latest update ratio measured per layer
         self._voters = {kind: self.voter(kind, kind) for kind in self.kinds}
+        groups: dict[str, list[int]] = {}
+        for i in np.flatnonzero(self.profile):
+            groups.setdefault(ctx.roles[i], []).append(int(i))
+        #: Per layer, its peers (the same role, input to output), or None for a layer without peers.
+        self._peers: list[list[int] | None] = [None] * len(self.names)
+        for members in groups.values():
+            if len(members) >= 2:
+                for i in members:
+                    self._peers[i] = members
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not row.finite:
             return
         t = self.t
         rms, ur = row.rms, row.update_ratio
+        with quiet():
+            self._last_ur = np.where(np.isfinite(ur), ur, self._last_ur)
         van, exp, ev = self._profile(rms, ur, row.present)
         trend = self._trend(row.grad_norm, row.present)
         if trend is not None:
@@ -68,31 +89,45 @@ class GradientScaleCheck(Check):
 
     def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray):
         t = self.t
-        van = np.zeros(len(self.names), dtype=bool)
+        n = len(self.names)
+        van = np.zeros(n, dtype=bool)
         exp = np.zeros_like(van)
-        idx = np.flatnonzero(self.profile & present & np.isfinite(rms))
+        usable = self.profile & present & np.isfinite(rms)
+        idx = np.flatnonzero(usable)
         ev: dict = {}
         if len(idx) < 2:
             return van, exp, ev
         out = idx[-2:]
         ref_i = int(out[np.argmax(rms[out])])
-        ref = float(rms[ref_i])
-        if ref <= 0:
+        if rms[ref_i] <= 0:
             return van, exp, ev  # nothing flows at the output: converged or dead, not a depth profile
-        with quiet():
-            decades = np.log10(ref / rms)  # +inf where the gradient is exactly zero
+        # Each layer's reference: the largest of the last two of its peers in use, or, for a layer without peers,
+        # the output side. The references themselves (and the output side) are not judged.
+        ref_of = np.full(n, ref_i)
         body = np.zeros_like(van)
-        body[idx] = True
-        body[out] = False
-        van = body & (decades >= t.vanishing_decades)
-        exp = body & (decades <= -t.exploding_decades)
-        # Updates far slower than the output side's, while the output side still learns.
-        ur_ref = ur[ref_i]
-        if np.isfinite(ur_ref) and ur_ref >= t.update_ratio_learning:
-            with quiet():
-                van |= body & (ur < t.update_ratio_vanishing) & (decades >= t.slow_update_decades)
-        ev = {"reference_layer": self.names[ref_i], "reference_grad_rms": ref, "decades": decades,
-              "reference_update_ratio": float(ur_ref)}
+        for i in idx:
+            peers = self._peers[i]
+            if peers is None:
+                body[i] = i not in out
+                continue
+            live = [p for p in peers if usable[p]]
+            if len(live) < 3 or i in live[-2:]:
+                continue
+            last = live[-2:]
+            ref_of[i] = last[int(np.argmax(rms[last]))]
+            body[i] = rms[ref_of[i]] > 0
+        with quiet():
+            decades = np.log10(rms[ref_of] / rms)  # +inf where the gradient is exactly zero
+            slow_ref = ur[ref_of] >= t.update_ratio_learning  # the reference still learns (not converged)
+            slow = slow_ref & (ur < t.update_ratio_vanishing) & (decades >= t.slow_update_decades)
+            van = body & ((decades >= t.vanishing_decades) | slow)
+            exp = body & (decades <= -t.exploding_decades)
+            if self.ctx.adaptive:
+                # Adam and kin: a small gradient is not a small update. Vanishing only where the layer's updates
+                # lag its reference's too (the latest measured ratios).
+                lag = np.log10(self._last_ur[ref_of] / self._last_ur)
+                van &= lag >= t.adaptive_update_decades
+        ev = {"reference_of": ref_of, "decades": decades, "reference_update_ratio": float(ur[ref_i])}
         return van, exp, ev
 
     def _trend(self, gn: np.ndarray, present: np.ndarray) -> np.ndarray | None:
@@ -102,6 +137,12 @@ class GradientScaleCheck(Check):
             return None
         total = float(np.sqrt(np.sum(gn[sel] ** 2)))
         self._totals.append(total)
+        self._seen += 1
+        if len(self._early) < t.window:
+            self._early.append(total)
+        self._late.append(total)
+        if self._sustained_growth() >= t.sustained_growth_decades:
+            return sel.copy()
         if len(self._totals) < t.trend_window or self._totals[0] <= 0:
             return None
         seq = np.asarray(self._totals)
@@ -111,30 +152,41 @@ class GradientScaleCheck(Check):
             return sel.copy()
         return None
 
+    def _sustained_growth(self) -> float:
+        """Decades from the total norm's median over the first ``window`` steps to that over the last ``window``
+        (NaN until both windows are full and apart)."""
+        if self._seen < 2 * self.t.window:
+            return math.nan
+        early, late = float(np.median(self._early)), float(np.median(self._late))
+        return math.log10(late / early) if early > 0 and late > 0 else math.nan
+
     def _growth_decades(self) -> float | None:
         if len(self._totals) < 2 or self._totals[0] <= 0 or self._totals[-1] <= 0:
             return None
         return math.log10(self._totals[-1] / self._totals[0])
 
     def _describe(self, ep: Episode, ev: dict) -> None:
+        if "reference_of" not in ev:
+            return  # no depth profile on this step: the episode keeps the evidence that showed it
         rms, ur, _ = self.ctx.recent_medians()
         layers = sorted(ep.layers)
         names = [self.names[li] for li in layers]
-        ref_name = ev.get("reference_layer")
-        ref_rms = ev.get("reference_grad_rms", float("nan"))
+        ref_of = ev["reference_of"]
         with quiet():
-            ref_i = self.names.index(ref_name) if ref_name in self.names else None
-            ref_med = float(rms[ref_i]) if ref_i is not None else ref_rms
-            decades = {self.names[li]: float(np.log10(ref_med / rms[li])) for li in layers}
+            decades = {self.names[li]: float(np.log10(rms[ref_of[li]] / rms[li])) for li in layers}
         worst = max(layers, key=lambda li: abs(decades[self.names[li]]) if np.isfinite(decades[self.names[li]])
                     else math.inf)
         wname = self.names[worst]
+        ref_i = int(ref_of[worst])
+        ref_name, ref_med = self.names[ref_i], float(rms[ref_i])
         ep.evidence = {
             "layer_grad_rms": {self.names[li]: float(rms[li]) for li in layers},
             "layer_update_ratio": {self.names[li]: float(ur[li]) for li in layers},
             "reference_layer": ref_name, "reference_grad_rms": ref_med,
-            "reference_update_ratio": ev.get("reference_update_ratio", float("nan")),
+            "reference_update_ratio": float(ur[ref_i]),
+            "reference_of": {self.names[li]: self.names[int(ref_of[li])] for li in layers},
             "decades_from_reference": decades, "worst_layer": wname, "window_steps": self.t.window,
+            "optimizer_adaptive": self.ctx.adaptive,
         }
         where = span(names)
         d = decades[wname]
@@ -142,9 +194,11 @@ class GradientScaleCheck(Check):
         if ep.kind == "vanishing":
             ep.severity = "critical" if (not np.isfinite(d) or d >= self.CRITICAL_DECADES or rms[worst] == 0) \
                 else "warning"
+            side = "its peer" if self._peers[worst] is not None and ref_i in self._peers[worst] else \
+                "the output-side layer"
             ep.message = (f"Gradients vanish in {len(names)} early layer{plural} ({where}): "
-                          f"gradient RMS {fmt(rms[worst])} at {wname} vs {fmt(ref_med)} at the output-side "
-                          f"layer {ref_name} ({decades_text(d)} lower)")
+                          f"gradient RMS {fmt(rms[worst])} at {wname} vs {fmt(ref_med)} at {side} "
+                          f"{ref_name} ({decades_text(d)} lower)")
             if ur[worst] == 0:
                 ep.message += "; its updates are below float32 resolution (update ratio 0)"
             elif np.isfinite(ur[worst]):
@@ -153,6 +207,9 @@ class GradientScaleCheck(Check):
             return
         growth = self._growth_decades()
         ep.evidence["norm_growth_decades"] = growth
+        sustained = self._sustained_growth()
+        if np.isfinite(sustained):
+            ep.evidence["growth_since_first_steps_decades"] = sustained
         ep.severity = "critical" if (rms[worst] > self.t.grad_rms_exploding
                                      or ur[worst] > self.CRITICAL_UPDATE_RATIO) else "warning"
         parts = [f"gradient RMS {fmt(rms[worst])} at {wname}"]
@@ -160,6 +217,9 @@ class GradientScaleCheck(Check):
             parts.append(f"{decades_text(-d)} above the output-side layer {ref_name}")
         if growth is not None and growth > self.SHOWN_GROWTH_DECADES:
             parts.append(f"total norm up {decades_text(growth)} over the last {len(self._totals)} steps")
+        if np.isfinite(sustained) and sustained >= self.t.sustained_growth_decades:
+            parts.append(f"total norm {decades_text(sustained)} above its level in the first {self.t.window} "
+                         "steps")
         if np.isfinite(ur[worst]) and ur[worst] > self.SHOWN_UPDATE_RATIO:
             parts.append(f"update ratio {fmt(ur[worst])}")
         ep.message = f"Gradients explode in {len(names)} layer{plural} ({where}): " + "; ".join(parts) + "."

@@ -1,4 +1,5 @@
-"""Non-finite gradients, gradient norms that overflow float32, and loss-scaler skips that persist."""
+"""Non-finite gradients, gradient norms that overflow float32, loss-scaler skips that persist, and gradients that
+are exactly zero."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from gradwatch.core.checks.base import Check, CheckContext, GradStep, fmt, span
 
-__all__ = ["LossScaleCheck", "NonfiniteCheck"]
+__all__ = ["LossScaleCheck", "NoGradientCheck", "NonfiniteCheck"]
 
 
 class NonfiniteCheck(Check):
@@ -129,3 +130,51 @@ class LossScaleCheck(Check):
         ep.message = (f"The loss scaler skipped {n_skip} of the last {w} steps for inf/NaN gradients: a persistent "
                       "overflow, not the occasional scale calibration" +
                       (f"; non-finite values first appear in {origin}." if origin else "."))
+
+
+class NoGradientCheck(Check):
+    """``no_gradient``: trainable weight layers whose gradient is exactly zero on ``Thresholds.no_gradient_steps``
+    applied steps in a row. Nothing reaches them, so they cannot learn at any learning rate: the loss does not
+    depend on them (a softmax over a single output unit is constant, an output detached from the graph, a
+    multiplication by a zero gate). Not a small gradient (that is ``vanishing``): none at all. Layers that get no
+    gradient tensor at all (unused, frozen) are not judged."""
+
+    name = "no_gradient"
+    kinds = ("no_gradient",)
+
+    def __init__(self, ctx: CheckContext) -> None:
+        super().__init__(ctx)
+        self._zero_run = np.zeros(len(self.names), dtype=np.int64)
+
+    def on_grad(self, row: GradStep) -> None:
+        if row.skipped or not row.finite:
+            return
+        zero = row.present & (row.grad_norm == 0) & self.ctx.trainable & self.ctx.profile
+        self._zero_run = np.where(zero, self._zero_run + 1, 0)
+        ledger = self.ctx.ledger
+        ep = ledger.get("no_gradient")
+        stuck = self._zero_run >= self.t.no_gradient_steps
+        if ep is None:
+            if not stuck.any():
+                return
+            first = row.step - self.t.no_gradient_steps + 1
+            ep = ledger.open("no_gradient", "no_gradient", self.name, first, np.flatnonzero(stuck), "critical")
+        elif not any(self._zero_run[li] > 0 for li in ep.layers):
+            ledger.close("no_gradient", row.step)
+            return
+        else:
+            for li in np.flatnonzero(stuck):
+                ep.layers.setdefault(int(li), row.step)
+        ep.last_step = row.step
+        layers = sorted(ep.layers)
+        names = [self.names[li] for li in layers]
+        every = int(np.sum(self.ctx.profile & self.ctx.trainable))
+        everything = len(layers) >= every
+        ep.evidence = {"zero_gradient_steps": int(self._zero_run[layers].min()),
+                       "layers_without_gradient": len(names), "all_weight_layers": everything}
+        plural = "s" if len(names) > 1 else ""
+        what = "any weight layer" if everything else f"{len(names)} layer{plural} ({span(names)})"
+        ep.message = (f"No gradient reaches {what}: every gradient value was exactly 0 on the last "
+                      f"{int(self._zero_run[layers].min())} steps, so {'the model' if everything else 'they'} cannot "
+                      "learn at any learning rate. The loss does not depend on these weights: check the output and "
+                      "loss (a softmax over a single unit is constant; a detached output or a zero gate blocks it).")

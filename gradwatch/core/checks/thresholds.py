@@ -40,6 +40,23 @@ class Thresholds:
             dead-unit finding is judged over.
         time_decades: Input gradient falling this many orders of magnitude from the last to the first
             time step is vanishing through time (Bengio et al. 1994); rising that much is exploding.
+        gated_time_decades: A gated cell (LSTM, GRU) whose input gradient falls this many orders of magnitude
+            through time on most of ``gated_time_window`` samples cannot carry its memory. Measured on the 60-step
+            memory task (Adam): an LSTM with forget-gate bias 0 fades 10-12 decades while its loss stays at chance
+            (0.67-0.70) and starts to learn once the fade drops below about 4; with bias 1 it starts at 4 and
+            learns (Gers et al. 2000 and Jozefowicz et al. 2015 set the bias to 1).
+        gated_time_window: Activation samples a gated cell's fade must persist over (recurrent layers are
+            sampled at steps 1 and 2, then every ``activation_every``: at the default 25, 5 of 6 samples is about
+            75 steps): a gated cell fades while its gates learn, so a fade that lifts within a few samples is
+            learning, not a fault.
+        sustained_growth_decades: The total gradient norm's median over the last ``window`` steps this many
+            orders of magnitude above its median over the first ``window`` steps is exploding, however slowly it
+            grew (a slow divergence never shows ``growth_decades`` within ``trend_window``).
+        adaptive_update_decades: Under an adaptive optimizer, a layer whose gradient vanishes is called vanishing
+            only when its update ratio is also this many orders of magnitude below its reference's: Adam is
+            invariant to gradient scale (Kingma & Ba 2015), so a small gradient alone says nothing about learning.
+        no_gradient_steps: A trainable layer whose gradient is exactly zero on this many consecutive steps gets no
+            gradient at all.
         time_extreme_factor: Growth through time of ``time_extreme_factor * time_decades`` is reported on its
             first sample, without waiting for the window: one update of that size can wreck the recurrent
             weights before the next sample (Pascanu et al. 2013).
@@ -62,6 +79,11 @@ class Thresholds:
     saturation_fraction: float = 0.5
     dead_fraction: float = 0.5
     time_decades: float = 2.0
+    gated_time_decades: float = 6.0
+    gated_time_window: int = 6
+    sustained_growth_decades: float = 2.0
+    adaptive_update_decades: float = 1.0
+    no_gradient_steps: int = 10
     time_extreme_factor: float = 2.0
     activation_window: int = 3
 
