@@ -35,7 +35,8 @@ PlotKind = Literal["all", "flow", "depth", "updates"]
 PLOT_KINDS = ("all", "flow", "depth", "updates")
 _CMAP = "cividis"
 _MAX_LABELS = 40
-_FINDING_COLOURS = {"vanishing": "#56B4E9", "exploding": "#E69F00", "nonfinite": "#D55E00"}  # Okabe-Ito
+_FINDING_COLOURS = {"vanishing": "#56B4E9", "exploding": "#E69F00", "nonfinite": "#D55E00",
+                    "no_gradient": "#CC79A7"}  # Okabe-Ito
 
 
 def _mpl():
