@@ -27,13 +27,6 @@ log = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
 
 
-def _trainable_layers(table) -> tuple[bool, ...]:
-    flags = [False] * table.n_layers
-    for li, trainable in zip(table.param_layer, table.param_trainable):
-        flags[li] |= trainable
-    return tuple(flags)
-
-
 def _make_reporters(options: WatchOptions) -> list[Reporter]:
     out = [make_reporter(r) if isinstance(r, str) else r for r in options.reporters]
     if options.log_dir is not None:
@@ -171,7 +164,7 @@ class Watcher:
                 self._detector = Detector(table.layer_names, table.profile, self.options.thresholds,
                                           plain_recurrent=plain, gated_recurrent=gated,
                                           adaptive=bool(structure is not None and structure.adaptive_optimizer),
-                                          trainable=_trainable_layers(table))
+                                          trainable=table.layer_trainable)
             new: list[Finding] = []
             rows = None
             batch = batch if batch is not None and len(batch) else None

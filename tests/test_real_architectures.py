@@ -82,7 +82,7 @@ def train(model, task, *, steps=100, optimizer="adamw", lr=3e-3, warmup=10):
     return gw.report(), {"losses": losses, "norms": norms, "first_nonfinite": first_nonfinite, "all_zero": all_zero}
 
 
-def _mean(xs):  # noqa: D103
+def _mean(xs):
     return sum(xs) / len(xs)
 
 

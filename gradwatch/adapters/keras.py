@@ -53,10 +53,10 @@ _ACT_RING = 32  # activation samples the device holds between flushes
 _DEAD_ACTS = ("relu", "relu6")
 _ACT_COLS = 6  # saturation, dead, rms, non-finite, time decades at a recurrent layer's input, at its output
 _TIME_IN, _TIME_OUT = 4, 5
-# Saturation read from an activation's output: within SATURATION_MARGIN of its range from an asymptote, the
-# same cut as the PyTorch adapter's logit thresholds.
+# Saturation read from an activation's output: within SATURATION_MARGIN of an asymptote, the same cut as the
+# PyTorch adapter's thresholds on the activation's input.
 _SATURATION = {"sigmoid": (SATURATION_MARGIN, 1 - SATURATION_MARGIN),
-               "tanh": (-1 + 2 * SATURATION_MARGIN, 1 - 2 * SATURATION_MARGIN)}
+               "tanh": (-1 + SATURATION_MARGIN, 1 - SATURATION_MARGIN)}
 
 
 def _act_name(fn: Any) -> str | None:

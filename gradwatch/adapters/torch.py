@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 
 __all__ = ["TorchAdapter"]
 
-# The logit where sigmoid is within SATURATION_MARGIN of 0 or 1, and the input where tanh is within
-# SATURATION_MARGIN of its range (2) from -1 or 1: saturation is read from the layer's output before it.
+# The input where sigmoid is within SATURATION_MARGIN of 0 or 1, and where tanh is within it of -1 or 1:
+# saturation is read from the layer's output before the activation.
 _SIGMOID_SAT = math.log((1 - SATURATION_MARGIN) / SATURATION_MARGIN)
-_TANH_SAT = math.atanh(1 - 2 * SATURATION_MARGIN)
+_TANH_SAT = math.atanh(1 - SATURATION_MARGIN)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -25,8 +25,8 @@ __all__ = ["PROFILE_KINDS", "SATURATION_MARGIN", "STAT_NAMES", "TIME_EDGE_DIVISO
 STAT_NAMES = ("grad_norm", "grad_max", "nonfinite", "weight_norm", "update_norm")
 GRAD_NORM, GRAD_MAX, NONFINITE, WEIGHT_NORM, UPDATE_NORM = range(len(STAT_NAMES))
 
-#: A sigmoid or tanh output within this fraction of its range from an asymptote counts as saturated: both
-#: adapters measure saturation with this cut (the derivative there is below 1% of its peak).
+#: A sigmoid or tanh output within this distance of an asymptote (0 or 1; -1 or 1) counts as saturated: both
+#: adapters measure saturation with this cut (sigmoid's derivative there is below 4% of its peak, tanh's 2%).
 SATURATION_MARGIN = 0.01
 #: The gradient through time is compared between the first and the last ``1/TIME_EDGE_DIVISOR`` of the time
 #: steps (each edge averaged, at least one step), so one noisy step does not decide it.
@@ -146,6 +146,14 @@ class ParamTable:
     @property
     def n_layers(self) -> int:
         return len(self.layer_names)
+
+    @property
+    def layer_trainable(self) -> tuple[bool, ...]:
+        """Per layer, whether it holds a trainable parameter."""
+        flags = [False] * self.n_layers
+        for li, trainable in zip(self.param_layer, self.param_trainable):
+            flags[li] |= trainable
+        return tuple(flags)
 
     @property
     def n_params(self) -> int:

@@ -82,6 +82,11 @@ class ReluRule(Rule):
                     why + ".", ctx.snippets.relu(sat_layers), ("vanishing", "saturation"))
 
 
+def _time_gap(f: Finding) -> float:
+    """The largest fade through time a finding measured, in orders of magnitude."""
+    return max(f.evidence.get("time_decades", {}).values(), default=float("nan"))
+
+
 class GatedRnnRule(Rule):
     """A plain RNN cell whose gradient vanishes through time."""
 
@@ -92,7 +97,7 @@ class GatedRnnRule(Rule):
         if not ctx.vanishing_time or not plain_rnn:
             return None
         f = ctx.vanishing_time[0]
-        d = max(f.evidence.get("time_decades", {}).values(), default=float("nan"))
+        d = _time_gap(f)
         names = ", ".join(la.name for la in plain_rnn)
         return _rec("gated_rnn", Priority.GATED_RNN, [la.name for la in plain_rnn],
                     f"The gradient reaching the first time steps is {d:.1f} orders of magnitude below the last "
@@ -113,7 +118,7 @@ class ForgetGateBiasRule(Rule):
             return None
         f = ctx.vanishing_time[0]
         named = [la for la in lstm if la.name in f.layers] or lstm
-        d = max(f.evidence.get("time_decades", {}).values(), default=float("nan"))
+        d = _time_gap(f)
         names = ", ".join(la.name for la in named)
         return _rec("forget_gate_bias", Priority.GATED_RNN, [la.name for la in named],
                     f"The gradient reaching the first time steps is {d:.1f} orders of magnitude below the last "

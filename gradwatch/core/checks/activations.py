@@ -76,8 +76,10 @@ class ThroughTimeCheck(Check):
     def __init__(self, ctx: CheckContext) -> None:
         super().__init__(ctx)
         w = self.t.activation_window
-        self._voters = {kind: self.voter(f"{kind}:time", kind, window=w) for kind in self.kinds}
-        self._gated = self.voter("vanishing:time:gated", "vanishing", window=self.t.gated_time_window)
+        # Plain cells and gated cells vanish by different cut-offs over different windows: two voters.
+        self._voters = {"vanishing": self.voter("vanishing:time", "vanishing", window=w),
+                        "exploding": self.voter("exploding:time", "exploding", window=w),
+                        "gated": self.voter("vanishing:time:gated", "vanishing", window=self.t.gated_time_window)}
 
     def on_activations(self, step: int, acts: ActivationRows, i: int) -> None:
         t = self.t
@@ -86,13 +88,12 @@ class ThroughTimeCheck(Check):
             flags = {"vanishing": self.ctx.plain_recurrent & (dec >= t.time_decades),
                      "exploding": dec <= -t.time_decades,
                      "gated": self.ctx.gated_recurrent & (dec >= t.gated_time_decades)}
+        cutoff = {"vanishing": t.time_decades, "exploding": t.time_decades, "gated": t.gated_time_decades}
         ledger = self.ctx.ledger
-        for kind, f in flags.items():
-            key = f"{kind}:time"
-            if kind == "gated":
-                ep, kind = self._gated.vote(step, f), "vanishing"
-            else:
-                ep = self._voters[kind].vote(step, f)
+        for which, f in flags.items():
+            voter = self._voters[which]
+            kind, key = voter.kind, voter.key
+            ep = voter.vote(step, f)
             if kind == "exploding" and ep is None and ledger.get(key) is None:
                 with quiet():
                     extreme = dec <= -t.time_extreme_factor * t.time_decades
@@ -106,7 +107,7 @@ class ThroughTimeCheck(Check):
             if not layers:
                 continue
             d = {self.names[li]: float(dec[li]) for li in layers if np.isfinite(dec[li]) or dec[li] == math.inf}
-            ep.evidence = {"through_time": True, "time_decades": d, "threshold_decades": t.time_decades}
+            ep.evidence = {"through_time": True, "time_decades": d, "threshold_decades": cutoff[which]}
             names = ", ".join(self.names[li] for li in layers)
             worst = max(d.values(), key=abs) if d else float("nan")
             if kind == "vanishing":

@@ -61,12 +61,12 @@ class GradientScaleCheck(Check):
         groups: dict[str, list[int]] = {}
         for i in np.flatnonzero(self.profile):
             groups.setdefault(ctx.roles[i], []).append(int(i))
-        #: Per layer, its peers (the same role, input to output), or None for a layer without peers.
-        self._peers: list[list[int] | None] = [None] * len(self.names)
+        #: Roles held by two or more weight layers (input to output), and the layers without peers.
+        self._groups = [np.asarray(m) for m in groups.values() if len(m) >= 2]
+        self._single = np.zeros(len(self.names), dtype=bool)
         for members in groups.values():
-            if len(members) >= 2:
-                for i in members:
-                    self._peers[i] = members
+            if len(members) == 1:
+                self._single[members[0]] = True
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not row.finite:
@@ -104,18 +104,17 @@ class GradientScaleCheck(Check):
         # Each layer's reference: the largest of the last two of its peers in use, or, for a layer without peers,
         # the output side. The references themselves (and the output side) are not judged.
         ref_of = np.full(n, ref_i)
-        body = np.zeros_like(van)
-        for i in idx:
-            peers = self._peers[i]
-            if peers is None:
-                body[i] = i not in out
-                continue
-            live = [p for p in peers if usable[p]]
-            if len(live) < 3 or i in live[-2:]:
+        body = self._single & usable
+        body[out] = False
+        for members in self._groups:
+            live = members[usable[members]]
+            if len(live) < 3:
                 continue
             last = live[-2:]
-            ref_of[i] = last[int(np.argmax(rms[last]))]
-            body[i] = rms[ref_of[i]] > 0
+            peer_ref = int(last[np.argmax(rms[last])])
+            if rms[peer_ref] > 0:
+                ref_of[live[:-2]] = peer_ref
+                body[live[:-2]] = True
         with quiet():
             decades = np.log10(rms[ref_of] / rms)  # +inf where the gradient is exactly zero
             slow_ref = ur[ref_of] >= t.update_ratio_learning  # the reference still learns (not converged)
@@ -194,8 +193,7 @@ class GradientScaleCheck(Check):
         if ep.kind == "vanishing":
             ep.severity = "critical" if (not np.isfinite(d) or d >= self.CRITICAL_DECADES or rms[worst] == 0) \
                 else "warning"
-            side = "its peer" if self._peers[worst] is not None and ref_i in self._peers[worst] else \
-                "the output-side layer"
+            side = "the output-side layer" if self._single[worst] else "its peer"
             ep.message = (f"Gradients vanish in {len(names)} early layer{plural} ({where}): "
                           f"gradient RMS {fmt(rms[worst])} at {wname} vs {fmt(ref_med)} at {side} "
                           f"{ref_name} ({decades_text(d)} lower)")
