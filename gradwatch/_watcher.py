@@ -117,6 +117,29 @@ class Watcher:
         """Whether hooks are installed and monitoring runs."""
         return not self._detached and self._error is None
 
+    def log_loss(self, loss: Any) -> None:
+        """Give gradwatch the training loss of the step in progress, so a diverging loss is found even while the
+        gradients stay bounded (a softmax keeps them bounded while the logits blow up). Optional; call it once per
+        step, before ``optimizer.step()`` (after it, the value counts for the next step). A tensor stays on the
+        device: this adds no sync.
+
+        Example:
+            >>> import torch, gradwatch
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> with gradwatch.attach(model, opt, reporters=[]) as gw:
+            ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+            ...     loss.backward(); gw.log_loss(loss); opt.step()
+            >>> gw.history.extra("loss").shape
+            (1,)
+        """
+        if not self.active:
+            return
+        try:
+            self.adapter.log_loss(loss)
+        except Exception as exc:  # noqa: BLE001 - fail-open
+            self.on_error(exc, "log_loss")
+
     @property
     def findings(self) -> tuple[Finding, ...]:
         """The findings judged so far, without pulling new steps from the device (:meth:`report` does that)."""
@@ -252,9 +275,13 @@ class Watcher:
                 last = np.where(np.isnan(last), prev, last)
             self._last_acts[key] = last
         nonfinite = np.nan_to_num(acts.nonfinite, nan=0.0) > 0
+        structure = self.adapter.structure
         for i in range(len(acts.steps)):
             if nonfinite[i].any() and self._detector is not None:
-                self._detector.note_activation_nonfinite(int(acts.steps[i]), int(np.flatnonzero(nonfinite[i])[0]))
+                li = int(np.flatnonzero(nonfinite[i])[0])
+                act = structure.layers[li].activation if structure is not None and li < len(structure.layers) \
+                    else None
+                self._detector.note_activation_nonfinite(int(acts.steps[i]), li, activation=act)
 
     def _build_report(self) -> Report:
         adapter = self.adapter

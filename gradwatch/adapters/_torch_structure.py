@@ -32,10 +32,11 @@ _ACT_BY_FUNCTION: dict[Any, str] = {
     torch.relu: "relu", _F.relu: "relu", torch.relu_: "relu", _F.relu6: "relu6", _F.leaky_relu: "leaky_relu",
     _F.elu: "elu", _F.selu: "selu", torch.selu: "selu", _F.celu: "celu", _F.gelu: "gelu", _F.silu: "silu",
     _F.mish: "mish", _F.softplus: "softplus", torch.sigmoid: "sigmoid", _F.sigmoid: "sigmoid",
-    torch.tanh: "tanh", _F.tanh: "tanh", _F.hardtanh: "hardtanh", _F.hardsigmoid: "hardsigmoid",
+    torch.tanh: "tanh", _F.tanh: "tanh", _F.hardtanh: "hardtanh", _F.hardsigmoid: "hardsigmoid", torch.exp: "exp",
     _F.softsign: "softsign", _F.prelu: "prelu",
 }
-_ACT_BY_METHOD = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+_ACT_BY_METHOD = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "exp": "exp",
+                  "exp_": "exp",
                   "tanh": "tanh", "tanh_": "tanh"}
 
 _NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
@@ -51,9 +52,19 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 _RESIDUAL_BLOCKS = {"TransformerEncoderLayer": 2, "TransformerDecoderLayer": 3, "BasicBlock": 1, "Bottleneck": 1}
 
 
+def is_norm(module: nn.Module | None) -> bool:
+    """A normalization layer: a torch one, or a library's own (``LlamaRMSNorm``, ``T5LayerNorm``) recognised by
+    a class name ending in ``Norm`` and only 1-D parameters (gains and shifts)."""
+    if module is None:
+        return False
+    if isinstance(module, _NORM):
+        return True
+    return type(module).__name__.endswith("Norm") and all(p.dim() <= 1 for p in module.parameters(recurse=False))
+
+
 def classify(module: nn.Module) -> str:
     """The coarse kind of a parameter-owning module."""
-    if isinstance(module, _NORM):
+    if is_norm(module):
         return "norm"
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "recurrent"
@@ -120,13 +131,17 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(root: nn.Module) -> fx.Graph | None:
-    was_training = root.training
+    """The model's graph, or ``None`` when it does not trace. Tracing runs ``forward`` on proxies, so whatever a
+    forward stores on its modules (a recurrent model's hidden state, a running statistic) is put back as it was."""
+    saved = [(m, dict(m.__dict__)) for m in root.modules()]
     try:
         return _Tracer().trace(root)
     except Exception:  # noqa: BLE001 - any model that does not trace falls back to module order
         return None
     finally:
-        root.train(was_training)
+        for module, attrs in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
 
 
 def _activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -159,7 +174,7 @@ def _from_graph(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: set
     for node in nodes:
         if node.op != "call_module" or node.target not in layer_names:
             continue
-        if isinstance(modules[node.target], _NORM):
+        if is_norm(modules[node.target]):
             continue
         feeder, act, normalized, cur = node.target, None, False, node
         for _ in range(8):
@@ -170,7 +185,7 @@ def _from_graph(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: set
             act = _activation_of(nxt, modules)
             if act is not None:
                 break
-            if nxt.op == "call_module" and isinstance(modules.get(nxt.target), _NORM):
+            if nxt.op == "call_module" and is_norm(modules.get(nxt.target)):
                 normalized, feeder = True, nxt.target
             elif not _is_transparent(nxt, modules):
                 break
@@ -213,7 +228,7 @@ def _from_graph(graph: fx.Graph, modules: dict[str, nn.Module], layer_names: set
 def _from_module_order(exec_order: list[str], modules: dict[str, nn.Module], layer_names: set[str]):
     follows: dict[str, tuple[str | None, str | None, str, bool]] = {}
     for k, name in enumerate(exec_order):
-        if name not in layer_names or isinstance(modules[name], _NORM):
+        if name not in layer_names or is_norm(modules[name]):
             continue
         act, feeder, normalized = None, name, False
         for nxt in exec_order[k + 1:k + 6]:
@@ -221,7 +236,7 @@ def _from_module_order(exec_order: list[str], modules: dict[str, nn.Module], lay
             if type(m) in _ACT_BY_MODULE:
                 act = _ACT_BY_MODULE[type(m)]
                 break
-            if isinstance(m, _NORM):
+            if is_norm(m):
                 normalized, feeder = True, nxt
                 continue
             if isinstance(m, _TRANSPARENT_MODULES):
@@ -269,7 +284,7 @@ def read_structure(root: nn.Module, order: list[str], exec_order: list[str]) -> 
             fan_out=fan_out, activation=act, activation_source=act_source,
             weight_std=None if std is None or math.isnan(std) else std, normalized=normalized,
             recurrent_cell=cell, recurrent_radius=radius))
-    norm_layers = tuple(n for n, m in modules.items() if n and isinstance(m, _NORM))
+    norm_layers = tuple(n for n, m in modules.items() if n and is_norm(m))
     feeders = {name: follows.get(name, (None, None, name, False))[2] for name in order}
     return Structure(framework="torch", model_type=type(root).__name__, layers=tuple(layers),
                      norm_layers=norm_layers, residual_adds=residual, residual_layers=tuple(

@@ -102,6 +102,10 @@ class Adapter(ABC):
     def detach(self) -> None:
         """Remove every hook and wrapper. Repeatable."""
 
+    def log_loss(self, loss: Any) -> None:  # noqa: B027 - a hook with a do-nothing default, not abstract
+        """Keep the training loss of the step in progress (for the loss check). Adapters that read it themselves
+        (Keras, from ``fit()``'s logs) ignore it."""
+
     def notes(self) -> tuple[str, ...]:
         """Caveats for the report: what this adapter could not measure, and why."""
         return tuple(getattr(self, "_notes", ()))

@@ -29,7 +29,7 @@ from torch.utils.hooks import unserializable_hook
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
 from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, ActivationRows, ParamTable, StepBatch, time_decades
-from gradwatch.core.structure import Structure, adaptive_optimizer
+from gradwatch.core.structure import UNBOUNDED, Structure, adaptive_optimizer
 from gradwatch.errors import AttachError
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ class TorchAdapter(Adapter):
         self._rows: list[torch.Tensor] = []
         self._row_steps: list[int] = []
         self._row_skipped: list[torch.Tensor] = []
+        self._row_loss: list[torch.Tensor] = []
+        self._loss_now: torch.Tensor | None = None
         self._grad_row: torch.Tensor | None = None
         self._update_row: torch.Tensor | None = None
         self._prev: list[torch.Tensor] | None = None
@@ -132,6 +134,8 @@ class TorchAdapter(Adapter):
         self._notes: list[str] = []
         self._device: torch.device | None = None
         self._index_cache: dict[bytes, torch.Tensor] = {}
+        self._overflow_now: dict[int, torch.Tensor] = {}  # this step: layer -> its unbounded activation overflowed
+        self._overflow_rows: list[tuple[int, list[int], torch.Tensor]] = []
         self._install()
 
     @property
@@ -270,6 +274,24 @@ class TorchAdapter(Adapter):
             self._notes.append(f"Model structure could not be read ({type(exc).__name__}: {exc}).")
         if self._structure is not None:
             self._notes.extend(self._structure.notes)
+            self._watch_overflow()
+
+    def _watch_overflow(self) -> None:
+        """Every step, for each layer feeding an unbounded activation (``torch.exp``): whether its output passed the
+        point where the activation overflows. One comparison per such layer; most models have none."""
+        modules = dict(self.root.named_modules())
+        for li, info in enumerate(self._structure.layers):
+            feeder = modules.get(self._feeders.get(info.name, info.name))
+            if info.activation in UNBOUNDED and feeder is not None:
+                self._handles.append(feeder.register_forward_hook(self._hook(self._overflow_hook(li), "overflow")))
+
+    def _overflow_hook(self, li: int):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_floating_point():
+                limit = math.log(torch.finfo(x.dtype).max)
+                self._overflow_now[li] = (x.detach() > limit).any()
+        return hook
 
     def _ensure_table(self) -> bool:
         if self._table is None:
@@ -412,9 +434,15 @@ class TorchAdapter(Adapter):
             self._row_steps.append(step)
             self._row_skipped.append(skipped if skipped is not None else torch.zeros((), dtype=torch.bool,
                                                                                    device=self._device))
+            self._row_loss.append(self._loss_now if self._loss_now is not None else self._nan())
             self._collected += 1
         self._grad_row = None
         self._update_row = None
+        self._loss_now = None
+        if self._overflow_now:
+            layers = sorted(self._overflow_now)
+            self._overflow_rows.append((step, layers, torch.stack([self._overflow_now[li] for li in layers])))
+            self._overflow_now = {}
         self._end_activation_sample()
         if self.activation_every and not self.compiled and (step == 1 or step % self.activation_every == 0):
             self._begin_activation_sample()
@@ -505,32 +533,70 @@ class TorchAdapter(Adapter):
 
     # -- drain ---------------------------------------------------------------------------------------------
 
+    def log_loss(self, loss: Any) -> None:
+        """Keep this step's training loss (a 0-d tensor stays on the device; no sync)."""
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach().float()
+            value = value.reshape(()) if value.numel() == 1 else value.mean()
+        else:
+            value = torch.tensor(float(loss), dtype=torch.float32)
+        self._loss_now = value.to(self._device) if self._device is not None else value
+
+    def _nan(self) -> torch.Tensor:
+        return torch.full((), float("nan"), device=self._device)
+
     def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
         batch = None
         if self._rows:
             stacked = torch.stack(self._rows).transpose(1, 2)  # (n, P, 5)
             skipped = torch.stack(self._row_skipped)
-            host = torch.cat([stacked.reshape(-1), skipped.float().reshape(-1)]).cpu().numpy()
+            losses = torch.stack(self._row_loss)
+            host = torch.cat([stacked.reshape(-1), skipped.float().reshape(-1), losses]).cpu().numpy()
             n, p = stacked.shape[0], stacked.shape[1]
-            values = host[:n * p * len(STAT_NAMES)].reshape(n, p, len(STAT_NAMES)).astype(np.float64)
+            cut = n * p * len(STAT_NAMES)
+            values = host[:cut].reshape(n, p, len(STAT_NAMES)).astype(np.float64)
+            loss = host[cut + n:].astype(np.float64)
             batch = StepBatch(steps=np.asarray(self._row_steps, dtype=np.int64), values=values,
-                              skipped=host[n * p * len(STAT_NAMES):] > 0)
+                              skipped=host[cut:cut + n] > 0,
+                              extras={"loss": loss} if np.isfinite(loss).any() else {})
             self._rows.clear()
             self._row_steps.clear()
             self._row_skipped.clear()
+            self._row_loss.clear()
         acts = self._drain_activations()
         return batch, acts
 
+    def _overflow_samples(self, n_layers: int) -> list[tuple[int, np.ndarray, dict]]:
+        """The steps whose forward overflowed an unbounded activation, as samples holding only the non-finite
+        column (one transfer for all of them); steps without an overflow give no sample."""
+        if not self._overflow_rows:
+            return []
+        rows, self._overflow_rows = self._overflow_rows, []
+        flags = torch.cat([f for _, _, f in rows]).cpu().numpy()
+        out, k = [], 0
+        for step, layers, _ in rows:
+            hit = flags[k:k + len(layers)]
+            k += len(layers)
+            if hit.any():
+                col = np.full(n_layers, np.nan)
+                col[layers] = hit.astype(np.float64)
+                out.append((step, col, {}))
+        return out
+
     def _drain_activations(self) -> ActivationRows | None:
-        if not self._act_rows or self._table is None:
+        if self._table is None or not (self._act_rows or self._overflow_rows):
             return None
         n_layers = self._table.n_layers
-        rows = self._act_rows
+        rows = self._act_rows + self._overflow_samples(n_layers)
+        rows.sort(key=lambda r: r[0])
         self._act_rows = []
         k = len(rows)
         arr = np.full((k, 4, n_layers), np.nan)
         tdec = np.full((k, n_layers), np.nan)
         for r, (_, sat, grads) in enumerate(rows):
+            if isinstance(sat, np.ndarray):  # an overflow sample: only the non-finite column
+                arr[r][3] = sat
+                continue
             if sat:
                 keys = sorted(sat)
                 host = torch.stack([sat[i] for i in keys]).cpu().numpy()

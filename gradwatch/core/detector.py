@@ -86,11 +86,12 @@ class Detector:
                 check.on_activations(int(acts.steps[i]), acts, i)
         return self._announce()
 
-    def note_activation_nonfinite(self, step: int, layer: int) -> None:
-        """Record the layer whose forward output first turned non-finite (refines the non-finite origin)."""
+    def note_activation_nonfinite(self, step: int, layer: int, activation: str | None = None) -> None:
+        """Record the layer whose forward output first turned non-finite, and the activation it feeds (refines
+        the non-finite origin)."""
         for check in self.checks:
             if isinstance(check, NonfiniteCheck):
-                check.note_forward_origin(step, layer)
+                check.note_forward_origin(step, layer, activation)
 
     @property
     def findings(self) -> tuple[Finding, ...]:

@@ -209,7 +209,7 @@ class StepBatch:
 
     def layers(self, table: ParamTable) -> LayerRows:
         """Aggregate the per-parameter rows to layers."""
-        return LayerRows.from_values(self.steps, self.values, table, self.skipped)
+        return LayerRows.from_values(self.steps, self.values, table, self.skipped, self.extras.get("loss"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,7 +218,8 @@ class LayerRows:
 
     ``grad_rms`` is the root mean square over every gradient element the layer received; ``update_ratio`` is
     ``||delta w|| / ||w||`` over the layer's parameters; ``present`` says whether the layer had any gradient;
-    ``nonfinite_measured`` (per row) whether non-finite values were counted on that step.
+    ``nonfinite_measured`` (per row) whether non-finite values were counted on that step; ``loss`` (per row, or
+    ``None``) the training loss where the user logged it (:meth:`gradwatch.Watcher.log_loss`, the Keras logs).
     """
 
     steps: np.ndarray
@@ -231,10 +232,11 @@ class LayerRows:
     present: np.ndarray
     skipped: np.ndarray
     nonfinite_measured: np.ndarray
+    loss: np.ndarray | None = None
 
     @classmethod
     def from_values(cls, steps: np.ndarray, values: np.ndarray, table: ParamTable,
-                    skipped: np.ndarray) -> LayerRows:
+                    skipped: np.ndarray, loss: np.ndarray | None = None) -> LayerRows:
         v = values.astype(np.float64, copy=False)
         starts = table.layer_starts
         numel = np.asarray(table.param_numel, dtype=np.float64)
@@ -261,7 +263,8 @@ class LayerRows:
             weight_norm = np.where(np.add.reduceat(~np.isnan(wn), starts, axis=1) > 0, np.sqrt(all_w), np.nan)
         return cls(steps=np.asarray(steps), grad_norm=grad_norm, grad_rms=grad_rms, grad_max=grad_max,
                    nonfinite=nonfinite, weight_norm=weight_norm, update_ratio=update_ratio, present=present,
-                   skipped=np.asarray(skipped, dtype=bool), nonfinite_measured=nonfinite_measured)
+                   skipped=np.asarray(skipped, dtype=bool), nonfinite_measured=nonfinite_measured,
+                   loss=None if loss is None else np.asarray(loss, dtype=np.float64))
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -436,7 +439,8 @@ class History:
 
     def layers(self) -> LayerRows:
         """Per-layer statistics over the rows held now."""
-        return LayerRows.from_values(self.steps, self.values, self.table, self._skipped[:self._n] > 0)
+        return LayerRows.from_values(self.steps, self.values, self.table, self._skipped[:self._n] > 0,
+                                     self.extra("loss"))
 
 
 def _nanmean_pair(a: np.ndarray, b: np.ndarray, wa: np.ndarray | float = 1.0,

@@ -17,6 +17,7 @@ from gradwatch.core.stats import PROFILE_KINDS
 
 __all__ = [
     "ACTIVATION_GAIN",
+    "UNBOUNDED",
     "adaptive_optimizer",
     "role_of",
     "LayerInfo",
@@ -31,6 +32,10 @@ LayerKind = Literal["dense", "conv", "recurrent", "attention", "embedding", "nor
 
 #: Activations that saturate (derivative near zero for large inputs).
 SATURATING = frozenset({"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"})
+
+#: Activations without an upper bound that grow faster than their input: their output overflows float32 once the
+#: input passes log(float max), about 88.7 (11.1 in float16). The adapters watch their inputs for it every step.
+UNBOUNDED = frozenset({"exp"})
 
 #: Activations of the ReLU family, for which He initialization is the matching scale.
 RELU_FAMILY = frozenset({"relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "mish", "relu6",

@@ -30,10 +30,12 @@ class Priority:
     """
 
     EXPLOSION_THROUGH_TIME_FIRST = 101  # exploding through time before (or without) any vanishing
+    FORWARD_OVERFLOW = 99  # an unbounded activation produced the first inf in the forward pass
     GATED_RNN = 100  # a plain RNN cell that cannot carry the gradient through time
     CLIP_RECURRENT = 97  # clipping for a recurrent model whose gradients blow up
     LOWER_LEARNING_RATE = 96  # a sane init that still explodes: the step size
     RELU_SATURATED = 95  # saturating activations, measured saturated
+    XAVIER_INIT_TANH = 94  # a tanh stack started too small: the init is the cause, and the smaller change
     HE_INIT = 93  # a ReLU-family stack at the wrong init scale
     RELU = 90  # saturating activations, not (yet) saturated
     LOWER_LEARNING_RATE_RECURRENT = 90  # a recurrent model that explodes: clipping first

@@ -61,3 +61,7 @@ class KerasSnippets(Snippets):
     def forget_bias(self, layers: list[LayerInfo]) -> str:
         return (f"# layers {layer_list(layers)}: forget-gate bias 1 (Keras' default; keep it on)\n"
                 "layers.LSTM(units, unit_forget_bias=True)")
+
+    def bounded(self, layer: LayerInfo) -> str:
+        return (f"# layer {layer.name!r}: activation=\"exponential\" overflows; grow linearly instead\n"
+                "layers.Dense(units, activation=\"softplus\")")

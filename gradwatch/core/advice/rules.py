@@ -7,7 +7,7 @@ import math
 from gradwatch.core.advice.base import Candidate, Context, Priority, Rule, finding_evidence
 from gradwatch.core.report import Finding, LayerSummary, Recommendation
 from gradwatch.core.stats import TYPICAL_UPDATE_RATIO
-from gradwatch.core.structure import RELU_FAMILY, SATURATING
+from gradwatch.core.structure import RELU_FAMILY, SATURATING, UNBOUNDED
 
 __all__ = ["DEFAULT_RULES", "REFERENCES"]
 
@@ -30,6 +30,8 @@ REFERENCES = {
                   "difficult (IEEE TNN)", "Cho et al. 2014, GRU, arXiv:1406.1078"),
     "leaky_relu": ("Maas, Hannun & Ng 2013, Rectifier Nonlinearities Improve Neural Network Acoustic Models",
                    "Lu et al. 2019, Dying ReLU and Initialization, arXiv:1903.06733"),
+    "bounded_activation": ("Goodfellow, Bengio & Courville 2016, Deep Learning, section 4.1 (overflow and "
+                           "underflow; evaluating exp and softmax stably)",),
     "forget_gate_bias": ("Gers, Schmidhuber & Cummins 2000, Learning to Forget: Continual Prediction with LSTM "
                          "(Neural Computation)",
                          "Jozefowicz, Zaremba & Sutskever 2015, An Empirical Exploration of Recurrent Network "
@@ -44,6 +46,9 @@ SATURATED_FRACTION = 0.3
 SHOWN_SATURATION = 0.1
 #: A recurrent layer whose spectral radius exceeds this also gets an orthogonal re-initialisation.
 AMPLIFYING_RADIUS = 1.05
+#: Activations with slope 1 at 0 (zero-centred): at the Xavier scale a deep stack of them keeps its gradient, so
+#: when such a stack starts too small, the init is the cause, not the activation (Glorot & Bengio 2010).
+UNIT_SLOPE = frozenset({"tanh", "hardtanh", "softsign"})
 #: The learning-rate factor is a power of ten between 10 and this.
 MAX_LR_FACTOR_DECADES = 3
 
@@ -105,6 +110,28 @@ class GatedRnnRule(Rule):
                     "through time is a product of Jacobians that shrinks geometrically. A gated cell (LSTM/GRU) "
                     "carries it through an additive memory path.",
                     ctx.snippets.gated(plain_rnn), ("vanishing",))
+
+
+class BoundedActivationRule(Rule):
+    """Non-finite values born in the forward pass at an unbounded activation (``exp``): the activation is the cause,
+    whatever the step size; bound its input or use a function that grows linearly."""
+
+    fix = "bounded_activation"
+
+    def propose(self, ctx: Context) -> Candidate | None:
+        for f in ctx.nonfinite:
+            origin = f.evidence.get("forward_origin_layer")
+            layer = ctx.structure.layer(origin) if origin else None
+            if layer is None or layer.activation not in UNBOUNDED:
+                continue
+            step = f.evidence.get("forward_origin_step", f.step)
+            return _rec("bounded_activation", Priority.FORWARD_OVERFLOW, [layer.name],
+                        f"The forward pass overflowed at step {step}: the input of the {layer.activation} after "
+                        f"{layer.name} passed log(float max) (about 88.7 in float32), so it returned inf and every "
+                        "gradient after it turned non-finite. The activation is the cause: a lower learning rate "
+                        "only delays it. Bound its input, or use softplus, which grows linearly.",
+                        ctx.snippets.bounded(layer), ("nonfinite", "exploding"))
+        return None
 
 
 class ForgetGateBiasRule(Rule):
@@ -196,7 +223,12 @@ class InitScaleRule(Rule):
                   f"{first.weight_std:.3g} vs {first.target_std:.3g}); over {depth} layers that "
                   f"compounds to about {ratio ** depth:.2g}x in the signal and gradient.")
         sat_layers = [la for la in ctx.hidden if la.activation in SATURATING and la.kind != "recurrent"]
-        priority = Priority.HE_INIT if fam == "he_init" and not sat_layers else Priority.INIT
+        if fam == "xavier_init" and too_small and all(la.activation in UNIT_SLOPE for la in mism):
+            priority = Priority.XAVIER_INIT_TANH
+        elif fam == "he_init" and not sat_layers:
+            priority = Priority.HE_INIT
+        else:
+            priority = Priority.INIT
         return _rec(fam, priority, [la.name for la in mism], reason, ctx.snippets.init(fam, mism),
                     ("vanishing", "exploding") if not dead else ("dead_units",))
 
@@ -331,8 +363,8 @@ class DeadUnitsLearningRateRule(Rule):
 
 
 #: The rules ``recommend`` runs, in this order (a later rule may read what earlier ones proposed).
-DEFAULT_RULES: tuple[Rule, ...] = (ReluRule(), GatedRnnRule(), ForgetGateBiasRule(), RecurrentClippingRule(),
-                                   InitScaleRule(),
+DEFAULT_RULES: tuple[Rule, ...] = (BoundedActivationRule(), ReluRule(), GatedRnnRule(), ForgetGateBiasRule(),
+                                   RecurrentClippingRule(), InitScaleRule(),
                                    NormalizationRule(), SkipConnectionsRule(), LowerLearningRateRule(),
                                    ClippingBoundRule(), LeakyReluRule(), DeadUnitsLearningRateRule())
 

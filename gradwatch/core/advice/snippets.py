@@ -45,3 +45,6 @@ class Snippets:
 
     def forget_bias(self, layers: list[LayerInfo]) -> str:
         raise NotImplementedError
+
+    def bounded(self, layer: LayerInfo) -> str:
+        raise NotImplementedError

@@ -85,3 +85,8 @@ class TorchSnippets(Snippets):
                 "            nn.init.zeros_(b); b.data[h:2 * h] = 1.0   # gates i, f, g, o: f is the second\n"
                 "        elif n.startswith(\"bias_hh\"):\n"
                 "            nn.init.zeros_(b)")
+
+    def bounded(self, layer: LayerInfo) -> str:
+        return (f"# the {layer.activation} after {layer.name!r}: bound its input, or grow linearly\n"
+                f"x = torch.exp(self.{layer.name}(x))   ->   x = torch.exp(self.{layer.name}(x).clamp(max=20.0))\n"
+                f"# or: x = nn.functional.softplus(self.{layer.name}(x))")

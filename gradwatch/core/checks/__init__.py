@@ -8,13 +8,14 @@ constants.
 from gradwatch.core.checks.activations import DeadUnitsCheck, SaturationCheck, ThroughTimeCheck
 from gradwatch.core.checks.base import Check, CheckContext, Episode, GradStep, Ledger, Voter
 from gradwatch.core.checks.gradient_scale import GradientScaleCheck
+from gradwatch.core.checks.loss import LossCheck
 from gradwatch.core.checks.nonfinite import LossScaleCheck, NoGradientCheck, NonfiniteCheck
 from gradwatch.core.checks.thresholds import Thresholds
 
 __all__ = ["DEFAULT_CHECKS", "Check", "CheckContext", "DeadUnitsCheck", "Episode", "GradStep", "GradientScaleCheck",
-           "Ledger", "LossScaleCheck", "NoGradientCheck", "NonfiniteCheck", "SaturationCheck", "ThroughTimeCheck",
-           "Thresholds", "Voter"]
+           "Ledger", "LossCheck", "LossScaleCheck", "NoGradientCheck", "NonfiniteCheck", "SaturationCheck",
+           "ThroughTimeCheck", "Thresholds", "Voter"]
 
 #: The checks a detector runs, in this order on every row.
 DEFAULT_CHECKS: tuple[type[Check], ...] = (LossScaleCheck, NonfiniteCheck, NoGradientCheck, GradientScaleCheck,
-                                           SaturationCheck, DeadUnitsCheck, ThroughTimeCheck)
+                                           LossCheck, SaturationCheck, DeadUnitsCheck, ThroughTimeCheck)

@@ -27,7 +27,8 @@ __all__ = ["Check", "CheckContext", "Episode", "GradStep", "Ledger", "Voter", "q
 class GradStep:
     """One collected step's per-layer gradient figures (arrays of ``n_layers``), as every check reads them.
 
-    ``finite`` is whether every present gradient was finite; ``skipped`` whether a loss scaler skipped it.
+    ``finite`` is whether every present gradient was finite; ``skipped`` whether a loss scaler skipped it;
+    ``loss`` the training loss logged for the step (NaN where none was).
     """
 
     step: int
@@ -39,13 +40,14 @@ class GradStep:
     present: np.ndarray
     nonfinite_measured: bool
     skipped: bool
+    loss: float = math.nan
 
     @classmethod
     def of(cls, rows: LayerRows, i: int) -> GradStep:
         return cls(step=int(rows.steps[i]), rms=rows.grad_rms[i], update_ratio=rows.update_ratio[i],
                    grad_norm=rows.grad_norm[i], grad_max=rows.grad_max[i], nonfinite=rows.nonfinite[i],
                    present=rows.present[i], nonfinite_measured=bool(rows.nonfinite_measured[i]),
-                   skipped=bool(rows.skipped[i]))
+                   skipped=bool(rows.skipped[i]), loss=float(rows.loss[i]) if rows.loss is not None else math.nan)
 
     @property
     def finite(self) -> bool:

@@ -56,6 +56,7 @@ class GradientScaleCheck(Check):
         self._early: list[float] = []  # the total norm on the first `window` steps
         self._late: deque[float] = deque(maxlen=self.t.window)
         self._seen = 0
+        self._burst_run = 0  # consecutive steps with the total norm burst_decades above its early median
         self._last_ur = np.full(len(self.names), np.nan)  # the latest update ratio measured per layer
         self._voters = {kind: self.voter(kind, kind) for kind in self.kinds}
         groups: dict[str, list[int]] = {}
@@ -84,6 +85,11 @@ class GradientScaleCheck(Check):
             exp |= self.profile & (ur > t.update_ratio_exploding)
         for kind, flags in (("vanishing", van), ("exploding", exp)):
             ep = self._voters[kind].vote(row.step, flags)
+            burst = np.flatnonzero(self.profile & row.present & np.isfinite(row.grad_norm))
+            if kind == "exploding" and ep is None and self._burst_run >= t.burst_steps and len(burst):
+                # A burst does not wait for the window: the next step may already be inf.
+                ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
+                                          burst, "critical")
             if ep is not None:
                 self._describe(ep, ev)
 
@@ -133,10 +139,14 @@ class GradientScaleCheck(Check):
         t = self.t
         sel = self.profile & present & np.isfinite(gn)
         if not sel.any():
+            self._burst_run = 0  # no measurable norm on this step: a burst must be seen on consecutive steps
             return None
         total = float(np.sqrt(np.sum(gn[sel] ** 2)))
         self._totals.append(total)
         self._seen += 1
+        early = float(np.median(self._early)) if len(self._early) >= 3 else math.nan  # the steps before this one
+        burst = early > 0 and math.log10(max(total, 1e-300) / early) >= t.burst_decades
+        self._burst_run = self._burst_run + 1 if burst else 0
         if len(self._early) < t.window:
             self._early.append(total)
         self._late.append(total)
@@ -215,6 +225,9 @@ class GradientScaleCheck(Check):
             parts.append(f"{decades_text(-d)} above the output-side layer {ref_name}")
         if growth is not None and growth > self.SHOWN_GROWTH_DECADES:
             parts.append(f"total norm up {decades_text(growth)} over the last {len(self._totals)} steps")
+        if self._burst_run >= self.t.burst_steps:
+            parts.append(f"total norm {fmt(self._totals[-1])}, over {self.t.burst_decades:g} orders of magnitude "
+                         f"above its median in the first steps, for {self._burst_run} steps in a row")
         if np.isfinite(sustained) and sustained >= self.t.sustained_growth_decades:
             parts.append(f"total norm {decades_text(sustained)} above its level in the first {self.t.window} "
                          "steps")

@@ -90,12 +90,16 @@ class NonfiniteCheck(Check):
                 ep.layers.setdefault(int(li), row.step)
         ep.last_step = row.step
 
-    def note_forward_origin(self, step: int, layer: int) -> None:
-        """Record the layer whose forward output first turned non-finite (refines the origin)."""
+    def note_forward_origin(self, step: int, layer: int, activation: str | None = None) -> None:
+        """Record the layer whose forward output first turned non-finite, and the activation it feeds (refines
+        the origin: backward order names where the gradient first broke, this where the values were born)."""
         ep = self.ctx.ledger.get("nonfinite")
         if ep is not None and "forward_origin_layer" not in ep.evidence:
             ep.evidence["forward_origin_layer"] = self.names[layer]
-            ep.message += f" The forward pass first produced inf/NaN in {self.names[layer]} at step {step}."
+            ep.evidence["forward_origin_step"] = step
+            ep.evidence["forward_origin_activation"] = activation
+            where = f"the {activation} after {self.names[layer]}" if activation else self.names[layer]
+            ep.message += f" The forward pass first produced inf/NaN in {where} at step {step}."
 
 
 class LossScaleCheck(Check):

@@ -52,6 +52,16 @@ class Thresholds:
         sustained_growth_decades: The total gradient norm's median over the last ``window`` steps this many
             orders of magnitude above its median over the first ``window`` steps is exploding, however slowly it
             grew (a slow divergence never shows ``growth_decades`` within ``trend_window``).
+        burst_decades: The total gradient norm this many orders of magnitude above its median over the first
+            steps, on ``burst_steps`` collected steps in a row, is exploding at once, without waiting for the
+            window: a divergence goes from there to inf within a step or two (LLaMA under SGD at lr 3: a median of
+            ~2 over the first steps, 6.9e3 at step 9, 9e10 at step 10, NaN at step 11), while one noisy step (a
+            single 1e5x gradient) stays no finding.
+        burst_steps: Consecutive steps a burst must last.
+        loss_growth_decades: Where the loss is known, its median over the last ``window`` steps this many orders of
+            magnitude above its median over the first ``window`` is exploding: the run diverges even when the
+            gradients stay bounded (the PyTorch word-language-model LSTM without clipping: loss 31 -> 398 over 400
+            steps at a gradient norm near 6; a softmax keeps the gradient bounded while the logits blow up).
         adaptive_update_decades: Under an adaptive optimizer, a layer whose gradient vanishes is called vanishing
             only when its update ratio is also this many orders of magnitude below its reference's: Adam is
             invariant to gradient scale (Kingma & Ba 2015), so a small gradient alone says nothing about learning.
@@ -82,6 +92,9 @@ class Thresholds:
     gated_time_decades: float = 6.0
     gated_time_window: int = 6
     sustained_growth_decades: float = 2.0
+    loss_growth_decades: float = 1.0
+    burst_decades: float = 3.0
+    burst_steps: int = 2
     adaptive_update_decades: float = 1.0
     no_gradient_steps: int = 10
     time_extreme_factor: float = 2.0

@@ -1,0 +1,54 @@
+"""The training loss, where it is known: a run whose loss grows by an order of magnitude is diverging."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from gradwatch.core.checks.base import Check, CheckContext, GradStep, fmt
+
+__all__ = ["LossCheck"]
+
+
+class LossCheck(Check):
+    """``exploding`` when the median loss over the last ``Thresholds.window`` steps is
+    ``Thresholds.loss_growth_decades`` or more above its median over the first ``window`` steps, on most steps of
+    the window. It needs the loss: :meth:`gradwatch.Watcher.log_loss` in a plain loop, the logs under Keras. A loss
+    that is not positive (a log-likelihood, a GAN's) is not judged."""
+
+    name = "loss"
+    kinds = ("exploding",)
+
+    def __init__(self, ctx: CheckContext) -> None:
+        super().__init__(ctx)
+        self._early: list[float] = []
+        self._late: deque[float] = deque(maxlen=self.t.window)
+        self._seen = 0
+        self._voter = self.voter("exploding:loss", "exploding")
+
+    def on_grad(self, row: GradStep) -> None:
+        if row.skipped or not math.isfinite(row.loss):
+            return
+        w = self.t.window
+        self._seen += 1
+        if len(self._early) < w:
+            self._early.append(row.loss)
+        self._late.append(row.loss)
+        if self._seen < 2 * w:  # the two windows apart
+            growth = math.nan
+        else:
+            early, late = float(np.median(self._early)), float(np.median(self._late))
+            growth = math.log10(late / early) if early > 0 and late > 0 else math.nan
+        flags = self.ctx.profile & row.present & (growth >= self.t.loss_growth_decades)
+        ep = self._voter.vote(row.step, flags)
+        if ep is None or not math.isfinite(growth):
+            return
+        early, late = float(np.median(self._early)), float(np.median(self._late))
+        ep.severity = "critical"
+        ep.evidence = {"loss_first_steps": early, "loss_recent": late, "loss_growth_decades": growth,
+                       "window_steps": w}
+        ep.message = (f"The training loss is diverging: its median went from {fmt(early)} over the first {w} steps "
+                      f"to {fmt(late)} over the last {w} ({growth:.1f} orders of magnitude up), although every "
+                      "gradient stayed finite.")
