@@ -57,6 +57,8 @@ class KerasCallback(keras.callbacks.Callback):
         self.options = WatchOptions.parse(options, caller="KerasCallback()")
         self._watcher: Watcher | None = None
         self._last: Report | None = None
+        self._epoch = 0
+        self._first_epoch: int | None = None
 
     @property
     def watcher(self) -> Watcher | None:
@@ -72,15 +74,21 @@ class KerasCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         if self._watcher is not None:
             self._watcher.detach()
+        self._epoch, self._first_epoch = 0, None
         # A subclassed model with its own train_step is built by fit()'s first step: watched from the next one.
         self._watcher = Watcher(self.model, KerasAdapter, self.options, extra={"defer_unbuilt": True})
         self._console_defer(True)
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         if self._watcher is not None and self._watcher.active:
-            self._watcher.adapter.on_batch_end(batch)
+            per_epoch = (self.params or {}).get("steps")
+            step = self._epoch * per_epoch + batch + 1 if per_epoch else None
+            self._watcher.adapter.on_batch_end(batch, loss=(logs or {}).get("loss"), step=step)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
+        if self._first_epoch is None:  # fit(initial_epoch=k) numbers epochs from k; steps count from this fit
+            self._first_epoch = epoch
+        self._epoch = epoch - self._first_epoch
         if self._watcher is not None and epoch > 0:
             for r in self._watcher.reporters:
                 if isinstance(r, ConsoleReporter):

@@ -237,3 +237,111 @@ def test_snippets_follow_the_framework():
     keras = recommend((VAN,), structure("sigmoid"), summaries(), framework="keras")[0]
     torch = recommend((VAN,), structure("sigmoid"), summaries(), framework="torch")[0]
     assert 'activation="relu"' in keras.snippet and "nn.ReLU()" in torch.snippet
+
+
+# -- issue 11's rules -----------------------------------------------------------------------------------------
+
+def detector_named(names, *, adaptive=False, **kw) -> Detector:
+    return Detector(tuple(names), (True,) * len(names), Thresholds(**kw), plain_recurrent=(False,) * len(names),
+                    gated_recurrent=(False,) * len(names), adaptive=adaptive)
+
+
+def named_rows(rms, names, **kw) -> LayerRows:
+    rms = np.atleast_2d(np.asarray(rms, float))
+    n, k = rms.shape
+    full = lambda v, fill: np.full((n, k), fill) if v is None else np.broadcast_to(np.asarray(v, float), (n, k))  # noqa: E731
+    steps = kw.get("steps", np.arange(1, n + 1))
+    return LayerRows(steps=np.asarray(steps), grad_norm=rms, grad_rms=rms, grad_max=rms, nonfinite=np.zeros((n, k)),
+                     weight_norm=np.ones((n, k)), update_ratio=full(kw.get("ur"), np.nan), present=~np.isnan(rms),
+                     skipped=np.zeros(n, bool), nonfinite_measured=np.ones(n, bool),
+                     loss=None if kw.get("loss") is None else np.asarray(kw["loss"], float))
+
+
+BLOCKS = [f"enc.layer.{i}.{role}" for i in range(4) for role in ("query", "ffn")] + ["head"]
+# Queries are 1e-6 in every block, the FFNs and the head 1e-2: small by role, the same in every block.
+QK_SMALL = [1e-6 if name.endswith("query") else 1e-2 for name in BLOCKS]
+
+
+def test_a_role_small_in_every_block_is_not_compared_with_the_head():
+    det = detector_named(BLOCKS)
+    assert det.update(named_rows(np.tile(QK_SMALL, (20, 1)), BLOCKS)) == []
+
+
+def test_a_role_that_fades_block_after_block_vanishes_against_its_peers():
+    fading = [10.0 ** -(8 - 2 * int(n.split(".")[2])) if n.endswith("query") else 1e-2 for n in BLOCKS]
+    (f,) = detector_named(BLOCKS).update(named_rows(np.tile(fading, (10, 1)), BLOCKS))
+    assert f.layers == ("enc.layer.0.query", "enc.layer.1.query")
+    assert f.evidence["reference_of"]["enc.layer.0.query"] in ("enc.layer.2.query", "enc.layer.3.query")
+    assert "its peer" in f.message
+
+
+def test_under_an_adaptive_optimizer_a_small_gradient_vanishes_only_with_small_updates():
+    names = [str(i) for i in range(6)]
+    profile = np.tile([1e-9, 1e-8, 1e-7, 1e-5, 1e-3, 1e-2], (10, 1))
+    same_updates = named_rows(profile, names, ur=1e-3)
+    assert detector_named(names, adaptive=True).update(same_updates) == []
+    assert detector_named(names, adaptive=False).update(same_updates) != []  # SGD: the gradient is the update
+    lagging = named_rows(profile, names, ur=[[1e-7, 1e-6, 1e-5, 1e-3, 1e-3, 1e-3]])
+    (f,) = detector_named(names, adaptive=True).update(lagging)
+    assert f.kind == "vanishing" and f.layers == ("0", "1", "2")
+
+
+def test_slow_sustained_growth_is_exploding_however_gently_it_rises():
+    names = [str(i) for i in range(3)]
+    gentle = np.outer(10 ** (np.arange(60) * 0.08), np.ones(3)) * 1e-2  # x1.2 a step: never 1.5 decades in 6
+    found = detector_named(names).update(named_rows(gentle, names))
+    assert [f.kind for f in found] == ["exploding"]
+    assert found[0].evidence["growth_since_first_steps_decades"] >= 2
+
+
+def test_a_burst_is_exploding_at_once_but_one_noisy_step_is_not():
+    names = [str(i) for i in range(3)]
+    quiet = np.full((8, 3), 1e-2)
+    spike = np.vstack([quiet, np.full((1, 3), 1e3), quiet])
+    assert detector_named(names).update(named_rows(spike, names)) == []
+    burst = np.vstack([quiet, np.full((2, 3), 1e3)])
+    (f,) = detector_named(names).update(named_rows(burst, names))
+    assert f.kind == "exploding" and f.step == 9 and f.severity == "critical"
+
+
+def test_exact_zeros_on_every_step_are_no_gradient():
+    det = detector()
+    zeros = np.zeros((10, N))
+    (f,) = det.update(rows(zeros))
+    assert (f.kind, f.check, f.step) == ("no_gradient", "no_gradient", 1) and f.evidence["all_weight_layers"]
+    assert det.update(rows(np.full((1, N), 1e-3), steps=[11])) == [] and not det.findings[0].active
+
+
+def test_a_gated_cell_vanishes_through_time_only_when_the_fade_persists():
+    gated = Detector(NAMES, (True,) * N, Thresholds(), plain_recurrent=(False,) * N,
+                     gated_recurrent=(True,) + (False,) * (N - 1))
+    fade = [9.0, np.nan, np.nan, np.nan, np.nan]
+    assert gated.update_activations(acts(4, time=fade)) == []  # 4 of 6: still learning to open its gates
+    (f,) = gated.update_activations(acts(1, time=fade, start=5))
+    assert f.through_time and f.evidence["gated"] == ["l0"] and f.evidence["threshold_decades"] == 6.0
+
+
+def test_a_diverging_loss_is_exploding_and_a_falling_one_is_not():
+    names = [str(i) for i in range(3)]
+    flat = np.full((30, 3), 1e-2)
+    falling = named_rows(flat, names, loss=np.linspace(3.0, 0.5, 30))
+    assert detector_named(names).update(falling) == []
+    rising = named_rows(flat, names, loss=np.r_[np.full(10, 3.0), np.full(20, 40.0)])
+    (f,) = detector_named(names).update(rising)
+    assert (f.kind, f.check) == ("exploding", "loss") and f.evidence["loss_growth_decades"] > 1
+
+
+def test_a_nan_born_in_an_exp_gets_bounded_activation_first():
+    nan = finding("nonfinite", ("l3",), step=3, check="nonfinite", origin_layer="l4", forward_origin_layer="l1",
+                  forward_origin_step=3)
+    struct = structure("relu", std=0.177)
+    layers = list(struct.layers)
+    layers[1] = LayerInfo(**{**{f: getattr(layers[1], f) for f in layers[1].__dataclass_fields__}, "activation": "exp"})
+    struct = Structure(framework="torch", model_type="M", layers=tuple(layers))
+    assert fixes([nan], struct)[0] == "bounded_activation"
+    assert fixes([nan], structure("relu", std=0.177))[0] == "lower_learning_rate"  # no exp: the step size
+
+
+def test_a_tanh_stack_started_too_small_gets_its_init_before_a_new_activation():
+    assert fixes([VAN], structure("tanh", std=0.05))[:2] == ["xavier_init", "relu"]
+    assert fixes([VAN], structure("sigmoid", std=0.05))[0] == "relu"  # sigmoid vanishes at any init

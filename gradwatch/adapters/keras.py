@@ -139,6 +139,7 @@ class KerasAdapter(Adapter):
         self._batches = 0
         self._step_at_install = 0
         self._silent_noted = False
+        self._losses: dict[int, Any] = {}  # step -> the loss fit() logged for it, until the next drain
 
     @property
     def model_type(self) -> str:
@@ -526,13 +527,17 @@ class KerasAdapter(Adapter):
 
     # -- steps and drain -----------------------------------------------------------------------------------
 
-    def on_batch_end(self, batch: int = 0) -> None:
+    def on_batch_end(self, batch: int = 0, *, loss: Any = None, step: int | None = None) -> None:
         """Called by the callback after each batch (or each group of ``steps_per_execution`` batches).
 
         Args:
             batch: Keras' index, within the epoch, of the batch that just ended.
+            loss: ``logs["loss"]`` as ``fit()`` passed it (its running mean over the epoch); read at the flush.
+            step: The training step that batch ended (1-based, over all epochs), where the callback knows it.
         """
         self._batches += 1
+        if loss is not None and step is not None:
+            self._losses[step] = loss
         if self._pending:
             if not (self.model.built and self.model.weights):
                 return
@@ -541,10 +546,7 @@ class KerasAdapter(Adapter):
             self._step = batch + 1
             self._notes.append(f"{type(self.model).__name__} was built by fit()'s first step, so gradwatch watches "
                                f"from step {self._step + 1}; build it before fit() (model(x[:1])) to see step 1.")
-            try:
-                self.install()
-            except Exception as exc:  # noqa: BLE001 - fail-open (or raise under strict)
-                self.sink.on_error(exc, "Keras install after the first step")
+            self.guard(self.install, "Keras install after the first step")()
             return
         if self._count is None:
             return
@@ -581,7 +583,10 @@ class KerasAdapter(Adapter):
         skipped = ~np.isin(steps, applied[keep])
         self._read_applied = count
         self._step = total
-        batch = StepBatch(steps=steps, values=full, skipped=skipped) if len(steps) else None
+        losses = np.asarray([float(np.asarray(self._losses[s])) if s in self._losses else np.nan for s in steps])
+        self._losses = {s: v for s, v in self._losses.items() if s > total}
+        extras = {"loss": losses} if np.isfinite(losses).any() else {}
+        batch = StepBatch(steps=steps, values=full, skipped=skipped, extras=extras) if len(steps) else None
         return batch, self._drain_activations()
 
     def _drain_activations(self) -> ActivationRows | None:

@@ -82,10 +82,20 @@ class GradientScaleCheck(Check):
             exp |= trend
         with quiet():
             exp |= self.profile & (rms > t.grad_rms_exploding)
-            exp |= self.profile & (ur > t.update_ratio_exploding)
+            # Runaway updates: most weight layers update by more than their own size. The update ratio is measured
+            # every `update_every` collected steps; the latest measurement stands for the steps in between, or the
+            # condition could never hold on most of the window. One layer alone (an output layer's first step, or
+            # the recurrent layer an explosion through time wrecked, which that check reports) is not a runaway.
+            measured = self._last_ur[self.profile & row.present]
+            measured = measured[np.isfinite(measured)]
+            runaway = measured > t.update_ratio_exploding
+            if len(measured) and 2 * int(runaway.sum()) > len(measured):
+                exp |= self.profile & row.present & (self._last_ur > t.update_ratio_exploding)
+        burst = np.flatnonzero(self.profile & row.present & np.isfinite(row.grad_norm))
+        if self._burst_run:
+            exp[burst] = True  # a burst step votes too, so the episode it opens is not closed by the next vote
         for kind, flags in (("vanishing", van), ("exploding", exp)):
             ep = self._voters[kind].vote(row.step, flags)
-            burst = np.flatnonzero(self.profile & row.present & np.isfinite(row.grad_norm))
             if kind == "exploding" and ep is None and self._burst_run >= t.burst_steps and len(burst):
                 # A burst does not wait for the window: the next step may already be inf.
                 ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
@@ -144,10 +154,12 @@ class GradientScaleCheck(Check):
         total = float(np.sqrt(np.sum(gn[sel] ** 2)))
         self._totals.append(total)
         self._seen += 1
-        early = float(np.median(self._early)) if len(self._early) >= 3 else math.nan  # the steps before this one
+        # The level before: the median over the first steps, those of a burst left out (a burst must not raise
+        # its own baseline; a divergence can start on step 2).
+        early = float(np.median(self._early)) if self._early else math.nan
         burst = early > 0 and math.log10(max(total, 1e-300) / early) >= t.burst_decades
         self._burst_run = self._burst_run + 1 if burst else 0
-        if len(self._early) < t.window:
+        if len(self._early) < t.window and not burst:
             self._early.append(total)
         self._late.append(total)
         if self._sustained_growth() >= t.sustained_growth_decades:
@@ -218,8 +230,8 @@ class GradientScaleCheck(Check):
         sustained = self._sustained_growth()
         if np.isfinite(sustained):
             ep.evidence["growth_since_first_steps_decades"] = sustained
-        ep.severity = "critical" if (rms[worst] > self.t.grad_rms_exploding
-                                     or ur[worst] > self.CRITICAL_UPDATE_RATIO) else "warning"
+        ep.severity = "critical" if (rms[worst] > self.t.grad_rms_exploding or ur[worst] > self.CRITICAL_UPDATE_RATIO
+                                     or self._burst_run >= self.t.burst_steps) else "warning"
         parts = [f"gradient RMS {fmt(rms[worst])} at {wname}"]
         if np.isfinite(d) and d < 0:
             parts.append(f"{decades_text(-d)} above the output-side layer {ref_name}")
