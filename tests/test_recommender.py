@@ -153,6 +153,34 @@ def test_saturation_and_dead_units_are_measured():
     assert any(r.fix == "leaky_relu" for r in report.recommendations)
 
 
+def test_units_that_fire_on_other_batches_are_not_dead():
+    """Two inputs, A and -A, in batches of one kind each (A on odd steps, -A on even ones): every first-layer unit
+    fires for exactly one of them, so each batch leaves about half the units at zero, and none is dead (plain
+    measurement below). Zeros on one batch are no dead units."""
+    seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 1))
+    nn.init.zeros_(model[0].bias)  # w.A + 0 and w.(-A) + 0 have opposite signs: each unit fires for one of them
+    a = torch.zeros(64, 20)
+    a[:, :10] = 1.0
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    gw = gradwatch.attach(model, opt, reporters=[], activation_every=5)
+    per_batch, fired = [], torch.zeros(64, dtype=torch.bool)
+    for step in range(1, 61):
+        x = a if step % 2 else -a
+        with torch.no_grad():
+            on = (model[0](x) > 0).any(dim=0)
+        per_batch.append(1 - on.float().mean().item())
+        fired |= on
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), torch.ones(64, 1) * (step % 2)).backward()
+        opt.step()
+    gw.detach()
+    assert min(per_batch) >= 0.3 and fired.all()  # the label: half at zero per batch, every unit alive
+    report = gw.report()
+    assert not report.findings_of("dead_units"), [str(f) for f in report.findings]
+    assert report.layer("0").dead_fraction < 0.3
+
+
 @pytest.mark.parametrize("make", [lambda: mlp(10, act=nn.ReLU, init="he"), lambda: SeqClassifier("lstm"),
                                   lambda: SeqClassifier("gru")])
 def test_healthy_models_get_no_recommendation(make):

@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradwatch.adapters.base import Adapter, Sink
-from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, TIME_EDGE_DIVISOR, ActivationRows, ParamTable, StepBatch
+from gradwatch.core.stats import (
+    DEAD_UNIT_SAMPLES,
+    SATURATION_MARGIN,
+    STAT_NAMES,
+    TIME_EDGE_DIVISOR,
+    ActivationRows,
+    ParamTable,
+    StepBatch,
+)
 from gradwatch.core.structure import LayerInfo, Structure, adaptive_optimizer
 from gradwatch.errors import AttachError
 
@@ -324,6 +332,11 @@ class KerasAdapter(Adapter):
             ring = tf.Variable(tf.fill([_ACT_RING, n_layers, _ACT_COLS], nan), name="gradwatch_activations", **kw)
             steps = tf.Variable(tf.zeros([_ACT_RING], tf.int64), name="gradwatch_activation_steps", **kw)
             count = tf.Variable(tf.constant(self._read_acts, tf.int64), name="gradwatch_activation_count", **kw)
+            for target in self._act_targets:
+                if target.activation in _DEAD_ACTS and target.channels:
+                    target.alive = tf.Variable(tf.zeros([DEAD_UNIT_SAMPLES, target.channels]),
+                                               name="gradwatch_alive_units", **kw)
+                    target.seen = tf.Variable(tf.constant(0, tf.int64), name="gradwatch_alive_seen", **kw)
         self._act_ring, self._act_steps, self._act_count = ring, steps, count
         total, every, adapter = self._total, self.activation_every, self
         original_step = model.train_step
@@ -515,7 +528,8 @@ class KerasAdapter(Adapter):
                     layer=layer if recurrent else act_layer, index=idx, activation=act if watched else None,
                     channels_first=getattr(layer, "data_format", None) == "channels_first",
                     time=recurrent and bool(trainable), backwards=bool(getattr(layer, "go_backwards", False)),
-                    anchor=min(trainable, key=lambda v: int(np.prod(v.shape))) if trainable else None))
+                    anchor=min(trainable, key=lambda v: int(np.prod(v.shape))) if trainable else None,
+                    channels=getattr(layer, "units", None) or getattr(layer, "filters", None)))
             out.append(LayerInfo(name=layer.name, type=tname, kind=kind, index=idx, fan_in=fan_in, fan_out=fan_out,
                                  activation=act, activation_source=source, weight_std=std, normalized=normalized,
                                  recurrent_cell=cell, recurrent_radius=radius,
@@ -624,6 +638,9 @@ class _ActTarget:
     time: bool = False  # a recurrent layer: also read its input gradient per time step
     backwards: bool = False  # go_backwards: the sequence is read from its end
     anchor: Any = None  # a trainable variable of the layer that ties the time probe into the backward pass
+    channels: int | None = None  # output units of a ReLU-fed layer, for the dead-unit masks
+    alive: Any = None  # (DEAD_UNIT_SAMPLES, channels) variable: which units fired in each recent sampled batch
+    seen: Any = None  # sampled batches written to ``alive``
 
 
 def _write(var, indices, updates) -> Any:
@@ -655,7 +672,16 @@ def _activation_stats(y, target: _ActTarget):
         if target.channels_first and rank > 2:
             y = tf.transpose(y, [0] + list(range(2, rank)) + [1])
         units = tf.reshape(y, [-1, tf.shape(y)[-1]])
-        dead = tf.reduce_mean(tf.cast(tf.logical_not(tf.reduce_any(units > 0, axis=0)), tf.float32))
+        fired = tf.reduce_any(units > 0, axis=0)
+        if target.alive is not None and units.shape[-1] == target.channels:
+            # Dead: fired on no input of the last DEAD_UNIT_SAMPLES sampled batches (not judged before that many).
+            write = _write(target.alive, [[target.seen % DEAD_UNIT_SAMPLES]], [tf.cast(fired, tf.float32)])
+            with tf.control_dependencies([write]):
+                seen = target.seen.assign_add(1)
+                ever = tf.reduce_max(target.alive.read_value(), axis=0)
+            dead = tf.where(seen >= DEAD_UNIT_SAMPLES, tf.reduce_mean(1.0 - ever), nan)
+        else:  # units unknown at install: the batch alone
+            dead = tf.reduce_mean(tf.cast(tf.logical_not(fired), tf.float32))
     return tf.stack([sat, dead, rms, nonfinite])
 
 

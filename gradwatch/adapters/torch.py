@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +29,15 @@ from torch.utils.hooks import unserializable_hook
 
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
-from gradwatch.core.stats import SATURATION_MARGIN, STAT_NAMES, ActivationRows, ParamTable, StepBatch, time_decades
+from gradwatch.core.stats import (
+    DEAD_UNIT_SAMPLES,
+    SATURATION_MARGIN,
+    STAT_NAMES,
+    ActivationRows,
+    ParamTable,
+    StepBatch,
+    time_decades,
+)
 from gradwatch.core.structure import UNBOUNDED, Structure, adaptive_optimizer
 from gradwatch.errors import AttachError
 
@@ -134,6 +143,7 @@ class TorchAdapter(Adapter):
         self._notes: list[str] = []
         self._device: torch.device | None = None
         self._index_cache: dict[bytes, torch.Tensor] = {}
+        self._alive: dict[int, deque[torch.Tensor]] = {}  # layer -> which units fired, last sampled batches
         self._overflow_now: dict[int, torch.Tensor] = {}  # this step: layer -> its unbounded activation overflowed
         self._overflow_rows: list[tuple[int, list[int], torch.Tensor]] = []
         self._install()
@@ -490,11 +500,22 @@ class TorchAdapter(Adapter):
                 if act in ("relu", "relu6") and x.dim() >= 2:
                     units = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 and not isinstance(
                         module, (nn.Linear, nn.RNNBase)) else x.reshape(-1, x.shape[-1]).t()
-                    dead = (~(units > 0).any(dim=1)).float().mean()
+                    dead = self._dead_fraction(li, (units > 0).any(dim=1))
                 else:
                     dead = nan
                 out[li] = torch.stack([sat, dead, rms, nonfinite]).to(self._device)
         return hook
+
+    def _dead_fraction(self, li: int, alive: torch.Tensor) -> torch.Tensor:
+        """The share of units that fired on no input of the last DEAD_UNIT_SAMPLES sampled batches (on device;
+        NaN until that many were sampled)."""
+        seen = self._alive.setdefault(li, deque(maxlen=DEAD_UNIT_SAMPLES))
+        if seen and seen[-1].shape != alive.shape:
+            seen.clear()
+        seen.append(alive)
+        if len(seen) < DEAD_UNIT_SAMPLES:
+            return torch.tensor(float("nan"), device=alive.device)
+        return (~torch.stack(list(seen)).any(dim=0)).float().mean()
 
     def _rnn_pre(self, key: str, grads: dict, module: nn.RNNBase):
         batch_first = bool(getattr(module, "batch_first", False))

@@ -153,7 +153,7 @@ class LayerSummary(_Serialisable):
         weight_norm: The latest weight norm measured.
         nonfinite: Non-finite gradient values seen on applied steps.
         saturation: Fraction of saturated activation units (sigmoid/tanh), where sampled.
-        dead_fraction: Fraction of ReLU units that were zero for a whole batch, where sampled.
+        dead_fraction: Fraction of ReLU units at zero on every input of the last sampled batches, where sampled.
         activation_rms: RMS of the layer's output, where sampled.
         params: Per-parameter detail.
     """

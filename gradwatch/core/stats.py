@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PROFILE_KINDS", "SATURATION_MARGIN", "STAT_NAMES", "TIME_EDGE_DIVISOR", "TYPICAL_UPDATE_RATIO",
-           "ActivationRows", "History", "LayerRows", "ParamTable", "StepBatch", "param_role", "time_decades"]
+__all__ = ["DEAD_UNIT_SAMPLES", "PROFILE_KINDS", "SATURATION_MARGIN", "STAT_NAMES", "TIME_EDGE_DIVISOR",
+           "TYPICAL_UPDATE_RATIO", "ActivationRows", "History", "LayerRows", "ParamTable", "StepBatch", "param_role",
+           "time_decades"]
 
 #: The per-parameter statistics, in the order of ``StepBatch.values``'s last axis.
 STAT_NAMES = ("grad_norm", "grad_max", "nonfinite", "weight_norm", "update_norm")
@@ -31,6 +32,10 @@ SATURATION_MARGIN = 0.01
 #: The gradient through time is compared between the first and the last ``1/TIME_EDGE_DIVISOR`` of the time
 #: steps (each edge averaged, at least one step), so one noisy step does not decide it.
 TIME_EDGE_DIVISOR = 10
+#: A ReLU unit is dead when it stayed at zero on every input of each of the last this-many sampled batches (so
+#: its incoming weights got no gradient from any of them), not merely on one batch: a unit that fires for some
+#: inputs is alive even if one batch holds none of them. Until that many batches were sampled it is not judged.
+DEAD_UNIT_SAMPLES = 3
 #: A steady per-step update ratio ``||dw||/||w||`` (Karpathy, CS231n notes: "somewhere around 1e-3").
 TYPICAL_UPDATE_RATIO = 1e-3
 #: Layer kinds whose gradients take part in the depth profile. Embedding tables receive gradients only in
@@ -275,7 +280,8 @@ class ActivationRows:
     """Sampled forward statistics per layer, shape ``(n_rows, n_layers)``; NaN where not applicable.
 
     ``saturation``: fraction of outputs of a sigmoid/tanh within :data:`SATURATION_MARGIN` of its asymptotes.
-    ``dead``: fraction of ReLU units that were zero for the whole batch. ``rms``: RMS of the layer's activation
+    ``dead``: fraction of ReLU units that stayed zero on every input of the last :data:`DEAD_UNIT_SAMPLES`
+    sampled batches (NaN until that many were sampled). ``rms``: RMS of the layer's activation
     output. ``time_decades`` is, for recurrent layers, :func:`time_decades` of the gradient reaching each time
     step's input (positive: it vanishes toward the start of the sequence).
     """

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from gradwatch.core.checks.base import Check, CheckContext, decades_text, quiet, span
-from gradwatch.core.stats import SATURATION_MARGIN, ActivationRows
+from gradwatch.core.stats import DEAD_UNIT_SAMPLES, SATURATION_MARGIN, ActivationRows
 
 __all__ = ["DeadUnitsCheck", "SaturationCheck", "ThroughTimeCheck"]
 
@@ -54,13 +54,14 @@ class SaturationCheck(_FractionCheck):
 
 
 class DeadUnitsCheck(_FractionCheck):
-    """``dead_units``: at least ``Thresholds.dead_fraction`` of a ReLU layer's units zero for a whole batch, on
-    most recent samples."""
+    """``dead_units``: at least ``Thresholds.dead_fraction`` of a ReLU layer's units at zero on every input of the
+    last :data:`~gradwatch.core.stats.DEAD_UNIT_SAMPLES` sampled batches, on most recent samples."""
 
     name = "dead_units"
     kinds = ("dead_units",)
     kind, field, threshold_name, adjective = "dead_units", "dead", "dead_fraction", "dead"
-    unit = "ReLU units zero for the whole batch"
+    unit = (f"ReLU units at zero on every input of the last {DEAD_UNIT_SAMPLES} sampled batches (so their incoming "
+            "weights got no gradient from any of them)")
 
 
 class ThroughTimeCheck(Check):

@@ -36,7 +36,8 @@ class Thresholds:
         off_fraction: It ends when its condition held on no more than this fraction of ``window``.
         skip_fraction: AMP overflow skips on this fraction of ``window`` steps is persistent, not calibration.
         saturation_fraction: Fraction of saturated sigmoid/tanh units that counts as saturation.
-        dead_fraction: Fraction of ReLU units zero for a whole batch that counts as dead units.
+        dead_fraction: Fraction of a layer's ReLU units that stayed zero on every input of the last
+            :data:`~gradwatch.core.stats.DEAD_UNIT_SAMPLES` sampled batches that counts as dead units.
         activation_window: Activation samples (taken every ``activation_every`` steps) a saturation or
             dead-unit finding is judged over.
         time_decades: Input gradient falling this many orders of magnitude from the last to the first
