@@ -132,6 +132,7 @@ class TorchAdapter(Adapter):
         self._row_skipped: list[torch.Tensor] = []
         self._row_loss: list[torch.Tensor] = []
         self._loss_now: torch.Tensor | None = None
+        self._nan_scalar: torch.Tensor | None = None
         self._grad_row: torch.Tensor | None = None
         self._update_row: torch.Tensor | None = None
         self._prev: list[torch.Tensor] | None = None
@@ -564,7 +565,10 @@ class TorchAdapter(Adapter):
         self._loss_now = value.to(self._device) if self._device is not None else value
 
     def _nan(self) -> torch.Tensor:
-        return torch.full((), float("nan"), device=self._device)
+        """One NaN scalar on the model's device, made once (rows without a logged loss share it)."""
+        if self._nan_scalar is None:
+            self._nan_scalar = torch.full((), float("nan"), device=self._device)
+        return self._nan_scalar
 
     def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
         batch = None

@@ -20,7 +20,7 @@ import numpy as np
 from gradwatch.core.checks.thresholds import Thresholds
 from gradwatch.core.stats import ActivationRows, LayerRows
 
-__all__ = ["Check", "CheckContext", "Episode", "GradStep", "Ledger", "Voter", "quiet"]
+__all__ = ["Check", "CheckContext", "EarlyLate", "Episode", "GradStep", "Ledger", "Voter", "quiet"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +145,37 @@ class Voter:
                 return None
         ep.last_step = step
         return ep
+
+
+class EarlyLate:
+    """A series' median over its first ``window`` values against its median over its last ``window``: how far a
+    run has moved from where it started, however slowly (the total gradient norm, the loss)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.early: list[float] = []
+        self.late: deque[float] = deque(maxlen=window)
+        self.seen = 0
+
+    def baseline(self) -> float:
+        """The median of the first values (NaN before the first)."""
+        return float(np.median(self.early)) if self.early else math.nan
+
+    def add(self, value: float, *, baseline: bool = True) -> None:
+        """Add a value; ``baseline=False`` keeps it out of the first window (a burst must not raise its own
+        baseline)."""
+        self.seen += 1
+        if baseline and len(self.early) < self.window:
+            self.early.append(value)
+        self.late.append(value)
+
+    def growth(self) -> float:
+        """log10 of the last window's median over the first's; NaN until the two windows are full and apart, or
+        when either median is not positive."""
+        if self.seen < 2 * self.window or not self.early:
+            return math.nan
+        early, late = self.baseline(), float(np.median(self.late))
+        return math.log10(late / early) if early > 0 and late > 0 else math.nan
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ from collections import deque
 
 import numpy as np
 
-from gradwatch.core.checks.base import Check, CheckContext, Episode, GradStep, decades_text, fmt, quiet, span
+from gradwatch.core.checks.base import Check, CheckContext, EarlyLate, Episode, GradStep, decades_text, fmt, quiet, span
 
 __all__ = ["GradientScaleCheck"]
 
@@ -53,9 +53,7 @@ class GradientScaleCheck(Check):
         super().__init__(ctx)
         self.profile = ctx.profile
         self._totals: deque[float] = deque(maxlen=self.t.trend_window)
-        self._early: list[float] = []  # the total norm on the first `window` steps
-        self._late: deque[float] = deque(maxlen=self.t.window)
-        self._seen = 0
+        self._norms = EarlyLate(self.t.window)  # the total norm: its first steps against its last
         self._burst_run = 0  # consecutive steps with the total norm burst_decades above its early median
         self._last_ur = np.full(len(self.names), np.nan)  # the latest update ratio measured per layer
         self._voters = {kind: self.voter(kind, kind) for kind in self.kinds}
@@ -153,16 +151,13 @@ class GradientScaleCheck(Check):
             return None
         total = float(np.sqrt(np.sum(gn[sel] ** 2)))
         self._totals.append(total)
-        self._seen += 1
         # The level before: the median over the first steps, those of a burst left out (a burst must not raise
         # its own baseline; a divergence can start on step 2).
-        early = float(np.median(self._early)) if self._early else math.nan
+        early = self._norms.baseline()
         burst = early > 0 and math.log10(max(total, 1e-300) / early) >= t.burst_decades
         self._burst_run = self._burst_run + 1 if burst else 0
-        if len(self._early) < t.window and not burst:
-            self._early.append(total)
-        self._late.append(total)
-        if self._sustained_growth() >= t.sustained_growth_decades:
+        self._norms.add(total, baseline=not burst)
+        if self._norms.growth() >= t.sustained_growth_decades:
             return sel.copy()
         if len(self._totals) < t.trend_window or self._totals[0] <= 0:
             return None
@@ -172,14 +167,6 @@ class GradientScaleCheck(Check):
         if rising >= t.rising_fraction and growth >= t.growth_decades:
             return sel.copy()
         return None
-
-    def _sustained_growth(self) -> float:
-        """Decades from the total norm's median over the first ``window`` steps to that over the last ``window``
-        (NaN until both windows are full and apart)."""
-        if self._seen < 2 * self.t.window:
-            return math.nan
-        early, late = float(np.median(self._early)), float(np.median(self._late))
-        return math.log10(late / early) if early > 0 and late > 0 else math.nan
 
     def _growth_decades(self) -> float | None:
         if len(self._totals) < 2 or self._totals[0] <= 0 or self._totals[-1] <= 0:
@@ -227,7 +214,7 @@ class GradientScaleCheck(Check):
             return
         growth = self._growth_decades()
         ep.evidence["norm_growth_decades"] = growth
-        sustained = self._sustained_growth()
+        sustained = self._norms.growth()
         if np.isfinite(sustained):
             ep.evidence["growth_since_first_steps_decades"] = sustained
         ep.severity = "critical" if (rms[worst] > self.t.grad_rms_exploding or ur[worst] > self.CRITICAL_UPDATE_RATIO

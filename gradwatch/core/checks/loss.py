@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import numpy as np
 
-from gradwatch.core.checks.base import Check, CheckContext, GradStep, fmt
+from gradwatch.core.checks.base import Check, CheckContext, EarlyLate, GradStep, fmt
 
 __all__ = ["LossCheck"]
 
@@ -23,29 +22,20 @@ class LossCheck(Check):
 
     def __init__(self, ctx: CheckContext) -> None:
         super().__init__(ctx)
-        self._early: list[float] = []
-        self._late: deque[float] = deque(maxlen=self.t.window)
-        self._seen = 0
+        self._loss = EarlyLate(self.t.window)
         self._voter = self.voter("exploding:loss", "exploding")
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not math.isfinite(row.loss):
             return
-        w = self.t.window
-        self._seen += 1
-        if len(self._early) < w:
-            self._early.append(row.loss)
-        self._late.append(row.loss)
-        if self._seen < 2 * w:  # the two windows apart
-            growth = math.nan
-        else:
-            early, late = float(np.median(self._early)), float(np.median(self._late))
-            growth = math.log10(late / early) if early > 0 and late > 0 else math.nan
+        self._loss.add(row.loss)
+        growth = self._loss.growth()
         flags = self.ctx.profile & row.present & (growth >= self.t.loss_growth_decades)
         ep = self._voter.vote(row.step, flags)
         if ep is None or not math.isfinite(growth):
             return
-        early, late = float(np.median(self._early)), float(np.median(self._late))
+        w = self.t.window
+        early, late = self._loss.baseline(), float(np.median(self._loss.late))
         ep.severity = "critical"
         ep.evidence = {"loss_first_steps": early, "loss_recent": late, "loss_growth_decades": growth,
                        "window_steps": w}
