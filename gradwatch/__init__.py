@@ -70,11 +70,12 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
     Args:
         model: A ``torch.nn.Module`` (also ``torch.compile``d) or a ``keras.Model``.
         optimizer: PyTorch: the optimizer that trains ``model``, so gradwatch judges the gradients it really
-            applies (after accumulation) and measures update ratios. Keras: unused (the model's own
-            optimizer is watched). Defaults to ``None``.
+            applies (after accumulation) and measures update ratios; a wrapper holding it as ``.optimizer``
+            (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) is unwrapped. Keras:
+            unused (the model's own optimizer is watched). Defaults to ``None``.
         **options: ``scaler`` (PyTorch: a ``torch.amp.GradScaler``, so gradients are judged unscaled) and the
             options of :class:`WatchOptions`: ``reporters``, ``every``, ``flush_every``, ``update_every``,
-            ``activation_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``.
+            ``activation_every``, ``strict``, ``thresholds``, ``history``, ``log_dir``, ``all_ranks``.
 
     Raises:
         TypeError: ``model`` is neither, an option is unknown, or an option has the wrong type.

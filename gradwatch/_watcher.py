@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 import weakref
 from typing import Any
@@ -27,10 +28,16 @@ log = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[Any, Watcher] = weakref.WeakKeyDictionary()
 
 
-def _make_reporters(options: WatchOptions) -> list[Reporter]:
+def _make_reporters(options: WatchOptions, rank: int, world: int) -> list[Reporter]:
+    """The reporters of this process: all of them on the main one; on the others none, unless ``all_ranks``
+    (then each rank's run log goes to its own ``log_dir/rank-<r>``, so no file is written by two processes)."""
+    if rank != 0 and not options.all_ranks:
+        return []
     out = [make_reporter(r) if isinstance(r, str) else r for r in options.reporters]
     if options.log_dir is not None:
-        out.append(RunLogWriter(options.log_dir))
+        log_dir = os.path.join(options.log_dir, f"rank-{rank}") if options.all_ranks and world > 1 else \
+            options.log_dir
+        out.append(RunLogWriter(log_dir))
     return out
 
 
@@ -52,7 +59,7 @@ class Watcher:
     """
 
     def __init__(self, model: Any, adapter: type[Adapter], options: WatchOptions, *, optimizer: Any = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, main_process: bool | None = None) -> None:
         if model in _ATTACHED:
             raise AttachError(f"gradwatch is already attached to this {type(model).__name__}. Call detach() on the "
                               "watcher you have (or leave its `with` block) before attaching again.")
@@ -66,7 +73,12 @@ class Watcher:
         self._since_flush = 0
         self._last_acts: dict[str, np.ndarray] = {}
         self._closing = False
-        self.reporters = _make_reporters(options)
+        self._notes: list[str] = []
+        rank, world = adapter.process_rank()
+        if main_process is not None:  # the training framework knows best (Trainer, Lightning)
+            rank = 0 if main_process else max(rank, 1)
+        self.rank, self.world_size = rank, world
+        self.reporters = _make_reporters(options, rank, world)
         self.adapter = adapter.create(self, model, optimizer, options, **(extra or {}))
         _ATTACHED[model] = self
         info = WatchInfo(framework=self.adapter.framework, model_type=self.adapter.model_type,
@@ -76,12 +88,17 @@ class Watcher:
 
     @classmethod
     def start(cls, adapter: type[Adapter], model: Any, optimizer: Any, options: dict[str, Any], *,
-              caller: str = "attach()") -> Watcher:
+              caller: str = "attach()", main_process: bool | None = None) -> Watcher:
         """Parse ``options`` (those of :class:`WatchOptions` plus the adapter's ``extra_options``) and watch."""
         options = dict(options)
         extra = {k: options.pop(k) for k in adapter.extra_options if k in options}
         opts = WatchOptions.parse(options, extra=adapter.extra_options, caller=caller)
-        return cls(model, adapter, opts, optimizer=optimizer, extra=extra)
+        return cls(model, adapter, opts, optimizer=optimizer, extra=extra, main_process=main_process)
+
+    def add_note(self, note: str) -> None:
+        """A caveat for the report, from a front end (a training-framework callback) rather than the adapter."""
+        if note not in self._notes:
+            self._notes.append(note)
 
     # -- sink ----------------------------------------------------------------------------------------------
 
@@ -202,7 +219,7 @@ class Watcher:
                 return
             adapter = self.adapter
             event = Flush(step=adapter.step, table=table, batch=batch, rows=rows, history=self._history,
-                          verdicts=self.verdicts(), structure=adapter.structure, notes=tuple(adapter.notes()),
+                          verdicts=self.verdicts(), structure=adapter.structure, notes=self._all_notes(),
                           monitoring=self.monitoring, report=self._build_report)
         except MonitoringError:
             raise
@@ -287,4 +304,7 @@ class Watcher:
         adapter = self.adapter
         return build_report(framework=adapter.framework, model_type=adapter.model_type, step=adapter.step,
                             history=self._history, verdicts=self.verdicts(), structure=adapter.structure,
-                            notes=tuple(adapter.notes()), monitoring=self.monitoring)
+                            notes=self._all_notes(), monitoring=self.monitoring)
+
+    def _all_notes(self) -> tuple[str, ...]:
+        return tuple(self.adapter.notes()) + tuple(self._notes)

@@ -3,6 +3,7 @@ and checked in one place, so no front end can drop or misread one."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class WatchOptions:
         thresholds: Detector cut-offs. Defaults to :class:`~gradwatch.Thresholds`'s defaults.
         history: Rows of statistics kept (older ones are merged). Defaults to ``512``.
         log_dir: Directory for an append-only run log that ``gradwatch.load`` reads back. Defaults to ``None``.
+        all_ranks: In a multi-process run (DDP, FSDP), report from every process instead of the main one only;
+            each rank then writes its run log under ``log_dir/rank-<r>``. Every rank measures and judges either
+            way, so ``report()`` works on each. Defaults to ``False``.
     """
 
     reporters: tuple[Any, ...] = ("console",)
@@ -53,9 +57,10 @@ class WatchOptions:
     thresholds: Thresholds | None = None
     history: int = 512
     log_dir: str | None = None
+    all_ranks: bool = False
 
     ACCEPTED = ("reporters", "every", "flush_every", "update_every", "activation_every", "strict", "thresholds",
-                "history", "log_dir")
+                "history", "log_dir", "all_ranks")
 
     @classmethod
     def parse(cls, options: dict[str, Any], *, extra: Sequence[str] = (), caller: str = "attach()") -> WatchOptions:
@@ -66,11 +71,15 @@ class WatchOptions:
         kw = {k: v for k, v in options.items() if k in cls.ACCEPTED}
         return cls(**kw)
 
+    def replace(self, **changes: Any) -> WatchOptions:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
     def as_dict(self) -> dict[str, Any]:
         """The options as plain values (what reporters and run logs record)."""
         return {"every": self.every, "flush_every": self.flush_every, "update_every": self.update_every,
                 "activation_every": self.activation_every, "strict": self.strict, "history": self.history,
-                "log_dir": self.log_dir}
+                "log_dir": self.log_dir, "all_ranks": self.all_ranks}
 
     def __post_init__(self) -> None:
         _positive_int("every", self.every)
@@ -78,8 +87,9 @@ class WatchOptions:
         _positive_int("update_every", self.update_every)
         _positive_int("activation_every", self.activation_every, minimum=0)
         _positive_int("history", self.history, minimum=8)
-        if not isinstance(self.strict, bool):
-            raise TypeError(f"strict must be True or False, received strict={self.strict!r}")
+        for flag in ("strict", "all_ranks"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, received {flag}={getattr(self, flag)!r}")
         if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
             raise TypeError("thresholds must be a gradwatch.Thresholds or None, received "
                             f"{type(self.thresholds).__name__}")

@@ -10,6 +10,7 @@ so an option cannot be dropped by one front end and kept by another.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -105,6 +106,15 @@ class Adapter(ABC):
     def log_loss(self, loss: Any) -> None:  # noqa: B027 - a hook with a do-nothing default, not abstract
         """Keep the training loss of the step in progress (for the loss check). Adapters that read it themselves
         (Keras, from ``fit()``'s logs) ignore it."""
+
+    @classmethod
+    def process_rank(cls) -> tuple[int, int]:
+        """``(rank, world_size)`` of this process in a multi-process run; ``(0, 1)`` when there is none. Read from
+        the launcher's ``RANK``/``WORLD_SIZE`` here; adapters ask their framework first."""
+        try:
+            return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        except ValueError:
+            return 0, 1
 
     def notes(self) -> tuple[str, ...]:
         """Caveats for the report: what this adapter could not measure, and why."""

@@ -3,7 +3,10 @@
 Where a step comes from:
 
 - with an optimizer: ``Optimizer.register_step_pre_hook`` reads the gradients the optimizer is about to apply
-  (after gradient accumulation and any clipping), ``register_step_post_hook`` measures the update it applied;
+  (after gradient accumulation and any clipping), ``register_step_post_hook`` measures the update it applied.
+  Wrappers holding the real optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped. For
+  ``optimizer.step(closure)`` the backward runs inside the step, so the gradients are read in the post-hook;
+  a training-framework callback may hand them in earlier with ``collect_gradients()``;
 - with a ``torch.amp.GradScaler``: the scaler's ``update()`` (wrapped on the instance while attached, restored
   on detach) ends each iteration. By then ``scaler.step`` has unscaled the gradients, so they are judged
   unscaled, and the scaler's own found-inf flags mark the steps it skipped;
@@ -44,18 +47,53 @@ from gradwatch.errors import AttachError
 if TYPE_CHECKING:
     from gradwatch.options import WatchOptions
 
-__all__ = ["TorchAdapter"]
+__all__ = ["TorchAdapter", "unwrap_optimizer"]
 
 # The input where sigmoid is within SATURATION_MARGIN of 0 or 1, and where tanh is within it of -1 or 1:
 # saturation is read from the layer's output before the activation.
 _SIGMOID_SAT = math.log((1 - SATURATION_MARGIN) / SATURATION_MARGIN)
 _TANH_SAT = math.atanh(1 - SATURATION_MARGIN)
 
+_COMPILED_NOTE = ("torch.compile'd model: layer order is registration order and activations are not sampled "
+                  "(hooks inside a compiled graph would force graph breaks and recompiles); gradients and updates "
+                  "are measured as in eager mode.")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` that really steps: wrappers that hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``) are peeled off. ``TypeError`` naming what was
+    received when there is none."""
+    if optimizer is None:
+        return None
+    seen = [type(optimizer).__name__]
+    inner = optimizer
+    for _ in range(8):
+        if isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "_optimizer_step_pre_hooks"):
+            return inner
+        nxt = getattr(inner, "optimizer", None)
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+        seen.append(type(inner).__name__)
+    chain = " -> ".join(seen)
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer (the one that trains this model), a wrapper holding one as "
+        f".optimizer, or None; received {chain}, which holds no torch.optim.Optimizer with step hooks. Pass the "
+        "optimizer built from this model's parameters, e.g. gradwatch.attach(model, torch.optim.AdamW(...)).")
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose names the user knows: ``torch.compile`` wraps it as ``_orig_mod``."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The module whose names the user knows: ``torch.compile`` wraps it as ``_orig_mod``, DDP and DataParallel
+    as ``module``."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(model, wrappers):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
 
 
 class TorchAdapter(Adapter):
@@ -90,15 +128,12 @@ class TorchAdapter(Adapter):
         super().__init__(sink)
         if not isinstance(model, nn.Module):
             raise TypeError(f"TorchAdapter needs a torch.nn.Module, received {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer (the one that trains this model) or None, received "
-                f"{type(optimizer).__name__}. Pass it as gradwatch.attach(model, optimizer).")
+        optimizer = unwrap_optimizer(optimizer)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, received {type(scaler).__name__}")
         self.model = model
         self.root = _unwrap(model)
-        self.compiled = self.root is not model
+        self.compiled = _compiled(model)
         self._model_ref = weakref.ref(model)
         self.optimizer = optimizer
         self.scaler = scaler
@@ -119,6 +154,7 @@ class TorchAdapter(Adapter):
                     "this model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=0.1).")
 
         self._handles: list[Any] = []
+        self._order_handles: list[Any] = []
         self._restore: list[tuple[Any, str]] = []
         self._order: list[str] = []
         self._order_done = False
@@ -134,6 +170,8 @@ class TorchAdapter(Adapter):
         self._loss_now: torch.Tensor | None = None
         self._nan_scalar: torch.Tensor | None = None
         self._grad_row: torch.Tensor | None = None
+        self._given = False  # this step's gradients were handed in by collect_gradients()
+        self._closure_step = False  # this step runs optimizer.step(closure): gradients exist only after it
         self._update_row: torch.Tensor | None = None
         self._prev: list[torch.Tensor] | None = None
         self._prev_idx: list[int] | None = None
@@ -153,17 +191,35 @@ class TorchAdapter(Adapter):
     def model_type(self) -> str:
         return type(self.root).__name__
 
+    @classmethod
+    def process_rank(cls) -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return super().process_rank()
+
     # -- install / detach ----------------------------------------------------------------------------------
 
     def _hook(self, fn, where: str):
         return unserializable_hook(self.guard(fn, where))
 
+    def _module_hook(self, fn, where: str):
+        """A module (forward) hook that does nothing inside a ``torch.compile`` trace: no graph break, no guard on
+        gradwatch's state, no recompile. Compiled models are measured from the optimizer and backward hooks."""
+        guarded = self.guard(fn, where)
+
+        def hook(*args):
+            if torch.compiler.is_compiling():
+                return None
+            return guarded(*args)
+
+        return unserializable_hook(hook)
+
     def _install(self) -> None:
         if not self.compiled:
             self._record_order()
         else:
-            self._notes.append("torch.compile'd model: layer order is registration order and activations are "
-                               "not sampled (hooks inside a compiled graph would force recompiles).")
+            self._notes.append(_COMPILED_NOTE)
         if self.scaler is not None:
             scaler = self.scaler
             original = type(scaler).update
@@ -188,7 +244,7 @@ class TorchAdapter(Adapter):
             self._handles.append(self.optimizer.register_step_pre_hook(self._hook(self._pre_step, "step_pre")))
             self._handles.append(self.optimizer.register_step_post_hook(self._hook(self._post_step, "step_post")))
         if self.optimizer is None and self.scaler is None:
-            self._handles.append(self.model.register_forward_hook(self._hook(self._arm_backward, "forward")))
+            self._handles.append(self.model.register_forward_hook(self._module_hook(self._arm_backward, "forward")))
         if self.activation_every and not self.compiled:
             # Recurrent layers are measured from the very first step: an explosion through time can wreck
             # the weights in one update, before any later sample would see it.
@@ -196,13 +252,13 @@ class TorchAdapter(Adapter):
             for name, module in self.root.named_modules():
                 if isinstance(module, nn.RNNBase):
                     self._act_handles.append(module.register_forward_pre_hook(
-                        self._hook(self._rnn_pre(name, grads, module), "rnn_time")))
+                        self._module_hook(self._rnn_pre(name, grads, module), "rnn_time")))
             if self._act_handles:
                 self._act_current = ({}, grads)
 
     def detach(self) -> None:
         self.active = False
-        for h in self._handles + self._act_handles + getattr(self, "_order_handles", []):
+        for h in self._handles + self._act_handles + self._order_handles:
             h.remove()
         self._handles.clear()
         self._act_handles.clear()
@@ -215,35 +271,40 @@ class TorchAdapter(Adapter):
     # -- layer order and table -----------------------------------------------------------------------------
 
     def _record_order(self) -> None:
-        """Record the order modules run in during the first forward, then remove the recording hooks."""
-        handles: list[Any] = []
+        """Record the order modules run in during the first forward. The recording hooks are removed when the
+        parameter table is built (in an optimizer or backward hook, outside any forward), never from inside a
+        forward: a hook that removes hooks would break a ``torch.compile`` graph."""
         seen: set[str] = set()
 
         def make(name: str):
             def pre(module, args):
-                if name not in seen:
+                if not self._order_done and name not in seen:
                     seen.add(name)
                     self._order.append(name)
             return pre
 
-        for name, module in self.root.named_modules():
-            if name and (next(module.parameters(recurse=False), None) is not None or isinstance(
-                    module, ACTIVATION_MODULES) or not any(True for _ in module.children())):
-                handles.append(module.register_forward_pre_hook(self._hook(make(name), "order")))
-
         def done(module, args, output):
             self._order_done = True
-            for h in handles:
-                h.remove()
-            handles.clear()
-            finish.remove()
-            self._handles.remove(finish)
 
-        finish = self.root.register_forward_hook(self._hook(done, "order_done"))
-        self._handles.append(finish)
-        self._order_handles = handles  # removed on detach if the first forward never came
+        handles = [module.register_forward_pre_hook(self._module_hook(make(name), "order"))
+                   for name, module in self.root.named_modules()
+                   if name and (next(module.parameters(recurse=False), None) is not None or isinstance(
+                       module, ACTIVATION_MODULES) or not any(True for _ in module.children()))]
+        handles.append(self.root.register_forward_hook(self._module_hook(done, "order_done")))
+        self._order_handles = handles
+
+    def _stop_order_recording(self) -> None:
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
+        if not self._order and not self.compiled:
+            # The hooks never ran eagerly although gradients exist: the forward ran inside a torch.compile graph
+            # (compiled after attach), which traces module hooks as written then and ignores later ones.
+            self.compiled = True
+            self._notes.append(_COMPILED_NOTE)
 
     def _build_table(self) -> None:
+        self._stop_order_recording()
         root = self.root
         owners: dict[int, str] = {}
         layer_params: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -294,7 +355,8 @@ class TorchAdapter(Adapter):
         for li, info in enumerate(self._structure.layers):
             feeder = modules.get(self._feeders.get(info.name, info.name))
             if info.activation in UNBOUNDED and feeder is not None:
-                self._handles.append(feeder.register_forward_hook(self._hook(self._overflow_hook(li), "overflow")))
+                self._handles.append(feeder.register_forward_hook(
+                    self._module_hook(self._overflow_hook(li), "overflow")))
 
     def _overflow_hook(self, li: int):
         def hook(module, args, output):
@@ -361,9 +423,12 @@ class TorchAdapter(Adapter):
     def _detail_due(self) -> bool:
         return self._collected % self.update_every == 0
 
-    def _snapshot_params(self) -> None:
+    def _snapshot_params(self, before_backward: bool = False) -> None:
         params = self._params
-        idx = [i for i, p in enumerate(params) if p.grad is not None and i not in self._sparse]
+        # Before a closure's backward no gradient exists yet: snapshot every trainable parameter, and keep those
+        # that got a gradient when the update is measured.
+        idx = [i for i, p in enumerate(params) if i not in self._sparse and (
+            p.grad is not None or (before_backward and p.requires_grad))]
         self._prev_idx = idx
         with torch.no_grad():
             self._prev = torch._foreach_mul([params[i] for i in idx], 1.0) if idx else None
@@ -372,29 +437,55 @@ class TorchAdapter(Adapter):
         if self._prev is None or not self._prev_idx:
             return None
         params = self._params
-        now = [params[i] for i in self._prev_idx]
-        with torch.no_grad():
-            diff = torch._foreach_sub(now, self._prev)
-            un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
-            wn = torch.stack(torch._foreach_norm(self._prev, 2, dtype=torch.float32))
+        prev, idx = self._prev, self._prev_idx
         self._prev = None
+        if self._closure_step:
+            keep = [k for k, i in enumerate(idx) if params[i].grad is not None]
+            if len(keep) < len(idx):
+                prev, idx = [prev[k] for k in keep], [idx[k] for k in keep]
+                if not idx:
+                    return None
+        now = [params[i] for i in idx]
+        with torch.no_grad():
+            diff = torch._foreach_sub(now, prev)
+            un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
+            wn = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
         n = len(params)
         row = torch.full((2, n), float("nan"), device=self._device)
         missing = [True] * n
-        for i in self._prev_idx:
+        for i in idx:
             missing[i] = False
         row[:, self._index(missing)] = torch.stack([wn, un]).to(self._device)
         return row
 
+    def collect_gradients(self) -> None:
+        """Read the gradients now, for the step in progress: what a training framework's "before the optimizer
+        step" callback sees (Lightning's ``on_before_optimizer_step``: accumulated, unscaled, not yet clipped).
+        The optimizer hooks then only measure the update and close the step."""
+        if not self.active or not self._ensure_table() or not self._due():
+            return
+        self._grad_row = self._grad_stats(self._detail_due())
+        self._given = True
+
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        # optimizer.step(closure) runs the backward inside the step (Lightning, LBFGS): the gradients this pre-hook
+        # could read are last step's. Snapshot the weights now and read the gradients in the post-hook.
+        closure = (args[0] if args else None) if kwargs.get("closure") is None else kwargs["closure"]
+        self._closure_step = closure is not None
+        if self._closure_step and self._table is None:
+            return  # no forward has run yet: the post-hook builds the table once the closure ran one
         if not self._ensure_table() or not self._due():
             return
-        if self.scaler is None:
+        if self.scaler is None and not self._closure_step and not self._given:
             self._grad_row = self._grad_stats(self._detail_due())
         if self._detail_due():
-            self._snapshot_params()
+            self._snapshot_params(before_backward=self._closure_step)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self._ensure_table():
+            return
+        if self._closure_step and self._due() and not self._given and self.scaler is None:
+            self._grad_row = self._grad_stats(self._detail_due())
         if self._prev is not None:
             self._update_row = self._update_stats()
         if self.scaler is None:
@@ -430,7 +521,7 @@ class TorchAdapter(Adapter):
         gradients now, unscaled by then, and close the step; ``skipped`` is the scaler's found-inf flag."""
         if not self._ensure_table():
             return
-        if self._due():
+        if self._due() and not self._given:
             self._grad_row = self._grad_stats(self._detail_due())
         self._finish_step(skipped)
 
@@ -448,6 +539,7 @@ class TorchAdapter(Adapter):
             self._row_loss.append(self._loss_now if self._loss_now is not None else self._nan())
             self._collected += 1
         self._grad_row = None
+        self._given = False
         self._update_row = None
         self._loss_now = None
         if self._overflow_now:
@@ -475,10 +567,10 @@ class TorchAdapter(Adapter):
                 continue
             if info.kind == "recurrent" and isinstance(feeder, nn.RNNBase):
                 self._act_handles.append(feeder.register_forward_pre_hook(
-                    self._hook(self._rnn_pre(info.name, grads, feeder), "rnn_time")))
+                    self._module_hook(self._rnn_pre(info.name, grads, feeder), "rnn_time")))
             act = info.activation
             self._act_handles.append(feeder.register_forward_hook(
-                self._hook(self._act_hook(li, act, sat), "activations")))
+                self._module_hook(self._act_hook(li, act, sat), "activations")))
 
     def _act_hook(self, li: int, act: str | None, out: dict):
         def hook(module, args, output):
@@ -635,6 +727,22 @@ class TorchAdapter(Adapter):
         steps = np.asarray([s for s, _, _ in rows], dtype=np.int64)
         return ActivationRows(steps=steps, saturation=arr[:, 0], dead=arr[:, 1], rms=arr[:, 2],
                               nonfinite=arr[:, 3], time_decades=tdec)
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs through ``torch.compile`` (an ``OptimizedModule`` anywhere in the wrapper chain, or an
+    in-place ``model.compile()``)."""
+    for _ in range(4):
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            return True
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return False
+    return False
 
 
 def _sparse_grad_module(module: nn.Module) -> bool:

@@ -20,9 +20,12 @@ A reporter's exception never reaches the user's training: the watcher warns once
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from gradwatch.core.report import Finding, Report
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from gradwatch.core.structure import Structure
     from gradwatch.core.summarize import Verdicts
 
-__all__ = ["Flush", "Reporter", "WatchInfo"]
+__all__ = ["Flush", "Reporter", "WatchInfo", "block_of", "flush_scalars", "verdict_text"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,3 +98,55 @@ class Reporter:
 
     def on_close(self, report: Report) -> None:
         """The watch ended: the final report."""
+
+
+def flush_scalars(flush: Flush) -> dict[str, float]:
+    """The series every metrics backend (W&B, TensorBoard) gets per flush, keyed without a prefix:
+    ``grad_rms/<layer>`` (RMS over the flush's steps), ``update_ratio/<layer>`` (the last one measured) and
+    ``health/*`` (healthy, active findings, non-finite values, skipped steps)."""
+    from gradwatch.core.report import HEALTH_KINDS
+    from gradwatch.core.summarize import forward_fill
+
+    rows = flush.rows
+    out: dict[str, float] = {}
+    if rows is None:
+        return out
+    with np.errstate(all="ignore"):
+        sq = np.where(rows.present, rows.grad_rms ** 2, np.nan)
+        counts = rows.present.sum(axis=0)
+        rms = np.where(counts > 0, np.sqrt(np.nansum(sq, axis=0) / np.maximum(counts, 1)), np.nan)
+        ur = forward_fill(rows.update_ratio)[-1]  # per layer, the last ratio measured in this flush
+    for group, values in (("grad_rms", rms), ("update_ratio", ur)):
+        for name, value in zip(flush.table.layer_names, values):
+            if not math.isnan(value):
+                out[f"{group}/{name}"] = float(value)
+    active = [f for f in flush.verdicts.findings if f.active and f.kind in HEALTH_KINDS]
+    out["health/healthy"] = float(not active)
+    out["health/active_findings"] = float(len(active))
+    out["health/nonfinite_values"] = float(np.nansum(rows.nonfinite))
+    out["health/skipped_steps"] = float(np.count_nonzero(rows.skipped))
+    return out
+
+
+def verdict_text(report: Report) -> str:
+    """``"healthy"``, or ``"problems: vanishing, exploding"``: the one-line verdict reporters show."""
+    from gradwatch.core.report import HEALTH_KINDS
+
+    kinds = list(dict.fromkeys(f.kind for f in report.findings if f.kind in HEALTH_KINDS))
+    return "healthy" if report.healthy else "problems: " + ", ".join(kinds)
+
+
+def block_of(layer: str) -> str:
+    """The block a layer belongs to, for compact summaries: its name up to the first numeric part
+    (``bert.encoder.layer.3.attention.self.query`` -> ``bert.encoder.layer.3``), else its first two parts
+    (``bert.embeddings.word_embeddings`` -> ``bert.embeddings``).
+
+    Example:
+        >>> block_of("model.layers.11.mlp.up_proj"), block_of("classifier"), block_of("0")
+        ('model.layers.11', 'classifier', '0')
+    """
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:2])

@@ -39,14 +39,14 @@ import numpy as np
 
 from gradwatch._optional import require
 from gradwatch.core.report import HEALTH_KINDS, Finding, Report
-from gradwatch.core.summarize import forward_fill
-from gradwatch.reporters.base import Flush, Reporter, WatchInfo
+from gradwatch.reporters.base import Flush, Reporter, WatchInfo, flush_scalars, verdict_text
 
 __all__ = ["WandbReporter"]
 
 log = logging.getLogger(__name__)
 
 _MAX_SERIES = 20
+_INT_KEYS = ("health/healthy", "health/active_findings", "health/skipped_steps")
 
 
 class WandbReporter(Reporter):
@@ -119,26 +119,9 @@ class WandbReporter(Reporter):
         if rows is None:
             return
         self._flushes += 1
-        names = flush.table.layer_names
-        with np.errstate(all="ignore"):
-            sq = np.where(rows.present, rows.grad_rms ** 2, np.nan)
-            counts = rows.present.sum(axis=0)
-            rms = np.sqrt(np.nansum(sq, axis=0) / np.maximum(counts, 1))
-            rms = np.where(counts > 0, rms, np.nan)
-            ur = forward_fill(rows.update_ratio)[-1]  # per layer, the last ratio measured in this flush
         data: dict[str, Any] = {self._key("step"): int(rows.steps[-1])}
-        for name, value in zip(names, rms):
-            if not math.isnan(value):
-                data[self._key("grad_rms", name)] = float(value)
-        for name, value in zip(names, ur):
-            if not math.isnan(value):
-                data[self._key("update_ratio", name)] = float(value)
-        findings = flush.verdicts.findings
-        active = [f for f in findings if f.active and f.kind in HEALTH_KINDS]
-        data[self._key("health", "healthy")] = int(not active)
-        data[self._key("health", "active_findings")] = len(active)
-        data[self._key("health", "nonfinite_values")] = float(np.nansum(rows.nonfinite))
-        data[self._key("health", "skipped_steps")] = int(np.count_nonzero(rows.skipped))
+        for key, value in flush_scalars(flush).items():
+            data[self._key(key)] = int(value) if key in _INT_KEYS else value
         if self._flushes % self.image_every == 0:
             self._add_flow_image(data, flush.report())
         self._log(data)
@@ -192,9 +175,8 @@ class WandbReporter(Reporter):
         return {self._key("findings"): findings, self._key("recommendations"): recs}
 
     def _summary(self, report: Report) -> None:
-        kinds = list(dict.fromkeys(f.kind for f in report.findings if f.kind in HEALTH_KINDS))
         summary = self.run.summary
-        summary[self._key("verdict")] = "healthy" if report.healthy else "problems: " + ", ".join(kinds)
+        summary[self._key("verdict")] = verdict_text(report)
         summary[self._key("healthy")] = report.healthy
         summary[self._key("findings_count")] = len(report.findings)
         if report.recommendations:
@@ -230,9 +212,7 @@ def _alert_text(f: Finding, report: Report) -> str:
 
 
 def _caption(report: Report) -> str:
-    verdict = "healthy" if report.healthy else ", ".join(dict.fromkeys(
-        f.kind for f in report.findings if f.kind in HEALTH_KINDS))
-    return f"{report.model_type}, step {report.step}: {verdict}"
+    return f"{report.model_type}, step {report.step}: {verdict_text(report)}"
 
 
 def _line_series(wandb, report: Report):
