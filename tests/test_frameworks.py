@@ -391,3 +391,62 @@ def test_tensorboard_by_name(tmp_path, monkeypatch):
         train(model, opt, tabular(), 20)
     (run,) = glob.glob(str(tmp_path / "runs" / "*_gradwatch"))
     assert tb_scalars(run)["gradwatch/health/healthy"] == [(10, 1.0), (20, 1.0)]
+
+
+# -- torch.compile -------------------------------------------------------------------------------------------------
+
+class _Net(nn.Module):
+    """A user-defined module (``model.compile()`` compiles its ``forward``; torch's own containers are skipped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(6, act=nn.Sigmoid, init="default")
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _compile_run(how: str):
+    """Train the same model for 40 steps with gradwatch attached ``how``; dynamo's own counters, the findings."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    cnt = CompileCounter()
+    gw, net = None, model
+    if how.startswith("attach, "):
+        gw = gradwatch.attach(model, opt, reporters=[])
+    if "torch.compile(model)" in how:
+        net = torch.compile(model, backend=cnt)
+    elif "model.compile()" in how:
+        model.compile(backend=cnt)
+    if how.endswith(", attach"):
+        gw = gradwatch.attach(net, opt, reporters=[])
+    train(net, opt, tabular(), 40)
+    report = gw.report() if gw is not None else None
+    if gw is not None:
+        gw.detach()
+    return (cnt.frame_count, dict(counters["stats"]), sum(counters["graph_break"].values())), report
+
+
+@pytest.mark.parametrize("how", ["attach, torch.compile(model)", "torch.compile(model), attach",
+                                 "attach, model.compile()", "model.compile(), attach"])
+def test_torch_compile_no_graph_break_or_recompile_and_eager_findings(how):
+    plain = how.replace("attach, ", "").replace(", attach", "")
+    baseline, _ = _compile_run(plain)
+    counts, report = _compile_run(how)
+    assert baseline[0] == 1 and counts == baseline  # frames compiled, graphs captured, 0 graph breaks
+    torch._dynamo.reset()
+    seed(0)
+    eager_model = _Net()
+    eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.05)
+    with gradwatch.attach(eager_model, eager_opt, reporters=[]) as eager:
+        train(eager_model, eager_opt, tabular(), 40)
+    assert [(f.kind, f.layers, f.step) for f in report.findings] == \
+        [(f.kind, f.layers, f.step) for f in eager.report().findings]
+    assert report.findings and report.layers[0].name == "body.0"
+    assert any("activations are not sampled" in n for n in report.notes)  # said, not silently skipped

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
+from gradwatch.adapters._torch_sharded import ShardPlan, local, squared_norms
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
 from gradwatch.core.stats import (
@@ -161,6 +162,7 @@ class TorchAdapter(Adapter):
         self._table: ParamTable | None = None
         self._structure: Structure | None = None
         self._params: list[nn.Parameter] = []
+        self._shard: ShardPlan | None = None
         self._step = 0
         self._collected = 0
         self._rows: list[torch.Tensor] = []
@@ -294,14 +296,16 @@ class TorchAdapter(Adapter):
         self._order_handles = handles
 
     def _stop_order_recording(self) -> None:
+        if not self._order and not self.compiled:
+            # The hooks never ran eagerly although gradients exist: the forward ran inside a torch.compile graph
+            # (compiled after attach). Its guards count each module's hooks, so adding or removing one now would
+            # recompile it: the (no-op) recording hooks stay until detach, and no other module hook is added.
+            self.compiled = True
+            self._notes.append(_COMPILED_NOTE)
+            return
         for h in self._order_handles:
             h.remove()
         self._order_handles = []
-        if not self._order and not self.compiled:
-            # The hooks never ran eagerly although gradients exist: the forward ran inside a torch.compile graph
-            # (compiled after attach), which traces module hooks as written then and ignores later ones.
-            self.compiled = True
-            self._notes.append(_COMPILED_NOTE)
 
     def _build_table(self) -> None:
         self._stop_order_recording()
@@ -328,6 +332,10 @@ class TorchAdapter(Adapter):
         players = self._table.param_layer
         pnames = self._table.param_names
         self._params = params
+        self._shard = ShardPlan.build(params, params[0].device)
+        if self._shard is not None:
+            self._notes.append("Sharded (FSDP2/DTensor) parameters: figures are global, gathered over the shard "
+                               "dimensions once per measured step.")
         self._modules_by_layer = [modules[m] for m in order]
         self._device = params[0].device
         self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
@@ -346,7 +354,8 @@ class TorchAdapter(Adapter):
             self._notes.append(f"Model structure could not be read ({type(exc).__name__}: {exc}).")
         if self._structure is not None:
             self._notes.extend(self._structure.notes)
-            self._watch_overflow()
+            if not self.compiled:
+                self._watch_overflow()
 
     def _watch_overflow(self) -> None:
         """Every step, for each layer feeding an unbounded activation (``torch.exp``): whether its output passed the
@@ -405,9 +414,16 @@ class TorchAdapter(Adapter):
         else:
             present = grads
         f32 = torch.float32
-        l2 = torch.stack(torch._foreach_norm(present, 2, dtype=f32)).to(self._device)
+        shard = self._shard
+        if shard is not None:  # local shards; the L2 column holds sums of squares until ShardPlan.reduce
+            present = [local(g) for g in present]
+            l2 = squared_norms(present).to(self._device)
+        else:
+            l2 = torch.stack(torch._foreach_norm(present, 2, dtype=f32)).to(self._device)
         if detail:
-            mx = torch.stack(torch._foreach_norm(present, math.inf, dtype=f32)).to(self._device)
+            at = [i for i, m in enumerate(missing) if not m] if shard is not None and shard.empty else ()
+            maxable = shard.max_inputs(present, at) if at else present
+            mx = torch.stack(torch._foreach_norm(maxable, math.inf, dtype=f32)).to(self._device)
             # g * 0 is 0 where g is finite and NaN where it is not; the 0-"norm" counts the NaNs.
             nf = torch.stack(torch._foreach_norm(torch._foreach_mul(present, 0.0), 0, dtype=f32)).to(self._device)
             vals = torch.stack([l2, mx, nf])
@@ -431,7 +447,7 @@ class TorchAdapter(Adapter):
             p.grad is not None or (before_backward and p.requires_grad))]
         self._prev_idx = idx
         with torch.no_grad():
-            self._prev = torch._foreach_mul([params[i] for i in idx], 1.0) if idx else None
+            self._prev = torch._foreach_mul([local(params[i]) for i in idx], 1.0) if idx else None
 
     def _update_stats(self) -> torch.Tensor | None:
         if self._prev is None or not self._prev_idx:
@@ -445,11 +461,14 @@ class TorchAdapter(Adapter):
                 prev, idx = [prev[k] for k in keep], [idx[k] for k in keep]
                 if not idx:
                     return None
-        now = [params[i] for i in idx]
+        now = [local(params[i]) for i in idx]
         with torch.no_grad():
             diff = torch._foreach_sub(now, prev)
-            un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
-            wn = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
+            if self._shard is not None:  # sums of squares until ShardPlan.reduce
+                un, wn = squared_norms(diff), squared_norms(prev)
+            else:
+                un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
+                wn = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
         n = len(params)
         row = torch.full((2, n), float("nan"), device=self._device)
         missing = [True] * n
@@ -532,7 +551,8 @@ class TorchAdapter(Adapter):
             n = self._grad_row.shape[1]
             upd = self._update_row if self._update_row is not None else torch.full(
                 (2, n), float("nan"), device=self._device)
-            self._rows.append(torch.cat([self._grad_row, upd]))
+            row = torch.cat([self._grad_row, upd])
+            self._rows.append(self._shard.reduce(row) if self._shard is not None else row)
             self._row_steps.append(step)
             self._row_skipped.append(skipped if skipped is not None else torch.zeros((), dtype=torch.bool,
                                                                                    device=self._device))
