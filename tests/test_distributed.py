@@ -81,3 +81,17 @@ def test_fsdp2_finds_the_same_vanishing_layers_as_ddp(tmp_path):
 
     assert any(k == "vanishing" for k, _, _ in verdict(ddp[0]))
     assert verdict(fsdp[0]) == verdict(fsdp[1]) == verdict(ddp[0])
+
+
+def test_fsdp1_with_orig_params_gives_ddp_figures_and_without_says_why_not(tmp_path):
+    options = {"reporters": [], "update_every": 5}
+    ddp = distributed.run(str(tmp_path / "ddp"), "ddp", options=options)
+    fsdp1 = distributed.run(str(tmp_path / "fsdp1"), "fsdp1", options=options)
+    for rank in fsdp1:  # each rank holds a flat slice of every weight, empty for some: summed over the shards
+        np.testing.assert_allclose(rms(rank), rms(ddp[0]), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(rank["update_ratio"], float),
+                                   np.asarray(ddp[0]["update_ratio"], float), rtol=1e-4)
+        assert rank["layers"] == ["_fsdp_wrapped_module.0", "_fsdp_wrapped_module.2", "_fsdp_wrapped_module.4"]
+    flat = distributed.run(str(tmp_path / "flat"), "fsdp1_flat", options=options)
+    np.testing.assert_array_equal(rms(flat[0]), rms(flat[1]))
+    assert any("use_orig_params=True) for per-layer figures" in n for n in flat[0]["report"]["notes"])

@@ -88,6 +88,7 @@ def test_accelerate_optimizer_is_unwrapped_and_judged_at_sync_steps():
     gw.detach()
     assert gw.step == 8  # optimizer steps, not micro-batches
     assert_same_norms(gw, ref)
+    assert np.isfinite(gw.history.layers().update_ratio[0]).all()  # a plain step(): snapshot in the pre-hook
     assert optimizer_hooks(inner) == 0
 
 

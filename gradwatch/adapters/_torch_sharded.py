@@ -48,10 +48,13 @@ class ShardPlan:
     Args:
         groups: The sharded parameters grouped by mesh and sharded dimensions (usually one group).
         empty: Parameters whose local shard on this rank is empty (max |g| of nothing is 0 here).
+        stand_ins: FSDP1: for parameters with nothing on this rank (no gradient there), an empty gradient that
+            stands in for it, so every rank contributes to every column.
     """
 
     groups: tuple[_Group, ...]
     empty: frozenset[int]
+    stand_ins: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, params: Sequence[torch.nn.Parameter], device: torch.device) -> ShardPlan | None:
@@ -79,6 +82,30 @@ class ShardPlan:
                                  sizes=tuple(mesh.size(d) for d in dims)))
         empty = frozenset(i for i, p in enumerate(params) if local(p).numel() == 0)
         return cls(groups=tuple(groups), empty=empty)
+
+    @classmethod
+    def build_fsdp1(cls, root: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                    device: torch.device) -> tuple[ShardPlan, dict[int, tuple[int, ...]]] | None:
+        """FSDP1 (``FullyShardedDataParallel``) with ``use_orig_params=True``: every parameter is a flat slice of
+        its unit's local shard (empty on some ranks). The plan sums over the units' process group; the second
+        value maps each parameter to its original shape. ``None`` when the model has no FSDP1 unit."""
+        units = [m for m in root.modules() if type(m).__name__ == "FullyShardedDataParallel"]
+        if not units:
+            return None
+        shapes: dict[int, tuple[int, ...]] = {}
+        for unit in units:
+            flat = getattr(getattr(unit, "_handle", None), "flat_param", None)
+            for p, shape in zip(getattr(flat, "_params", None) or (), getattr(flat, "_shapes", None) or ()):
+                shapes[id(p)] = tuple(shape)
+        group = units[0].process_group
+        import torch.distributed as dist
+
+        cols = torch.arange(len(params), device=device)
+        empty = frozenset(i for i, p in enumerate(params) if p.numel() == 0)
+        stand_ins = {i: params[i].new_zeros(0) for i in empty}
+        plan = cls(groups=(_Group(columns=cols, groups=(group,), sizes=(dist.get_world_size(group),)),),
+                   empty=empty, stand_ins=stand_ins)
+        return plan, shapes
 
     def max_inputs(self, tensors: list[torch.Tensor], present: Sequence[int]) -> list[torch.Tensor]:
         """``tensors`` (the local shards of the parameters ``present``) with empty shards replaced by one zero,

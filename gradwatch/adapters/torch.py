@@ -325,17 +325,15 @@ class TorchAdapter(Adapter):
         rest = [n for n in layer_params if n not in set(executed)]
         order = executed + rest
         params = [p for mname in order for _, p in layer_params[mname]]
+        shapes = self._plan_shards(params)
         self._table = ParamTable.build([
             (mname or "(root)", type(modules[mname]).__name__, classify(modules[mname]),
-             [(qual, qual.rsplit(".", 1)[-1], tuple(p.shape), p.requires_grad) for qual, p in layer_params[mname]])
+             [(qual, qual.rsplit(".", 1)[-1], shapes.get(id(p), tuple(p.shape)), p.requires_grad)
+              for qual, p in layer_params[mname]])
             for mname in order])
         players = self._table.param_layer
         pnames = self._table.param_names
         self._params = params
-        self._shard = ShardPlan.build(params, params[0].device)
-        if self._shard is not None:
-            self._notes.append("Sharded (FSDP2/DTensor) parameters: figures are global, gathered over the shard "
-                               "dimensions once per measured step.")
         self._modules_by_layer = [modules[m] for m in order]
         self._device = params[0].device
         self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
@@ -356,6 +354,33 @@ class TorchAdapter(Adapter):
             self._notes.extend(self._structure.notes)
             if not self.compiled:
                 self._watch_overflow()
+
+    def _plan_shards(self, params: list[nn.Parameter]) -> dict[int, tuple[int, ...]]:
+        """How sharded gradients become global figures (FSDP2 DTensors, FSDP1 flat shards); the original shape of
+        each parameter FSDP1 flattened."""
+        self._shard = ShardPlan.build(params, params[0].device)
+        if self._shard is not None:
+            self._notes.append("Sharded (FSDP2/DTensor) parameters: figures are global, gathered over the shard "
+                               "dimensions once per measured step.")
+            return {}
+        fsdp1 = ShardPlan.build_fsdp1(self.root, params, params[0].device)
+        if fsdp1 is None:
+            return {}
+        self._shard, shapes = fsdp1
+        flat = [p for p in params if getattr(p, "_fqns", None) is not None]  # FSDP1's FlatParameter
+        if flat:
+            for p in flat:
+                size = getattr(p, "_unpadded_unsharded_size", None)
+                if size is not None:
+                    shapes[id(p)] = tuple(size)
+            self._notes.append("FSDP1 without use_orig_params=True: gradwatch sees one flat parameter per FSDP "
+                               "unit, so its figures are per unit, not per layer, and no structure advice is "
+                               "layer-specific. Wrap with FullyShardedDataParallel(..., use_orig_params=True) for "
+                               "per-layer figures.")
+        else:
+            self._notes.append("FSDP1 (use_orig_params=True): figures are global, summed over the shards once "
+                               "per measured step.")
+        return shapes
 
     def _watch_overflow(self) -> None:
         """Every step, for each layer feeding an unbounded activation (``torch.exp``): whether its output passed the
@@ -404,6 +429,9 @@ class TorchAdapter(Adapter):
         """
         params = self._params
         grads = [p.grad for p in params]
+        stand_ins = self._shard.stand_ins if self._shard is not None else None
+        if stand_ins:
+            grads = [stand_ins[i] if g is None and i in stand_ins else g for i, g in enumerate(grads)]
         missing = [g is None or i in self._sparse for i, g in enumerate(grads)] if self._sparse else \
             [g is None for g in grads]
         n = len(params)
@@ -443,8 +471,9 @@ class TorchAdapter(Adapter):
         params = self._params
         # Before a closure's backward no gradient exists yet: snapshot every trainable parameter, and keep those
         # that got a gradient when the update is measured.
+        stand_ins = (self._shard.stand_ins or {}) if self._shard is not None else {}
         idx = [i for i, p in enumerate(params) if i not in self._sparse and (
-            p.grad is not None or (before_backward and p.requires_grad))]
+            p.grad is not None or i in stand_ins or (before_backward and p.requires_grad))]
         self._prev_idx = idx
         with torch.no_grad():
             self._prev = torch._foreach_mul([local(params[i]) for i in idx], 1.0) if idx else None
@@ -489,7 +518,8 @@ class TorchAdapter(Adapter):
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # optimizer.step(closure) runs the backward inside the step (Lightning, LBFGS): the gradients this pre-hook
         # could read are last step's. Snapshot the weights now and read the gradients in the post-hook.
-        closure = (args[0] if args else None) if kwargs.get("closure") is None else kwargs["closure"]
+        # The hook's args are step()'s own: (optimizer, closure?).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         self._closure_step = closure is not None
         if self._closure_step and self._table is None:
             return  # no forward has run yet: the post-hook builds the table once the closure ran one

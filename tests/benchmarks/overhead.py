@@ -7,7 +7,7 @@ log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP, a small CNN and a 
 ``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras]
-[--rounds 7]
+[--frameworks] [--rounds 7]
 Prints a Markdown table: median step time per variant and its ratio to the plain run.
 """
 
@@ -191,11 +191,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torch", action="store_true", help="PyTorch models (default when neither is given)")
     ap.add_argument("--keras", action="store_true", help="Keras models")
+    ap.add_argument("--frameworks", action="store_true",
+                    help="HF Trainer, Lightning, accelerate, torch.compile, DDP, FSDP2 (benchmarks/frameworks.py)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--only", default="", help="Keras: only the models whose name contains this (e.g. CNN)")
     args = ap.parse_args()
-    if not args.torch and not args.keras:
+    if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
     if args.torch:
         import torch  # noqa: F401  (before tensorflow)
@@ -203,6 +205,10 @@ def main() -> None:
         print(table(bench_torch(args.rounds, args.steps)))
     if args.keras:
         print(table(bench_keras(args.rounds, args.steps, args.only)))
+    if args.frameworks:
+        from tests.benchmarks.frameworks import bench_frameworks
+
+        print(table(bench_frameworks(args.rounds, args.steps)))
 
 
 if __name__ == "__main__":
