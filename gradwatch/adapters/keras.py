@@ -113,6 +113,7 @@ class KerasAdapter(Adapter):
         if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
             raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no "
                              f"optimizer (received {type(optimizer).__name__}) or compile the model with it.")
+        cls = _backend_class(cls)
         adapter = cls(sink, model, every=options.every, update_every=options.update_every,
                       activation_every=options.activation_every)
         adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)))
@@ -566,12 +567,28 @@ class KerasAdapter(Adapter):
             return
         self.sink.on_step(self._step + 1)
 
-    def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
-        if self._count is None or self._table is None:
-            return None, None
+    def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """The rows collected since the last drain: ``(values (n, P, 5), the step of each row, steps seen so
+        far)``; steps seen but without a row were skipped by a loss scaler. ``None`` before any."""
         count = int(self._count.numpy())
         total = int(self._total.numpy())
         new = count - self._read_applied
+        if new > _RING:
+            self._notes.append(f"{new - _RING} steps were not read before the ring wrapped; use a smaller "
+                               "flush_every.")
+            self._read_applied = count - _RING
+            new = _RING
+        idx = [(self._read_applied + k) % _RING for k in range(new)]
+        self._read_applied = count
+        return self._acc.numpy()[idx].astype(np.float64), self._step_ring.numpy()[idx].astype(np.int64), total
+
+    def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
+        if self._count is None or self._table is None:
+            return None, None
+        read = self._read_rows()
+        if read is None:
+            return None, self._drain_activations()
+        values, applied, total = read
         if total <= self._step:
             if total == self._step_at_install and self._batches >= 2 and not self._silent_noted:
                 self._silent_noted = True
@@ -579,14 +596,6 @@ class KerasAdapter(Adapter):
                                    "custom train_step that updates the weights itself (not through "
                                    "optimizer.apply or apply_gradients) cannot be watched.")
             return None, None
-        if new > _RING:
-            self._notes.append(f"{new - _RING} steps were not read before the ring wrapped; use a smaller "
-                               "flush_every.")
-            self._read_applied = count - _RING
-            new = _RING
-        idx = [(self._read_applied + k) % _RING for k in range(new)]
-        values = self._acc.numpy()[idx].astype(np.float64)
-        applied = self._step_ring.numpy()[idx].astype(np.int64)
         # The collected steps (1, 1 + every, ...) since the last drain. Those a LossScaleOptimizer skipped for
         # overflow never reached the inner apply: rows of NaN, marked skipped.
         steps = np.arange(self._step + 1, total + 1, dtype=np.int64)
@@ -595,7 +604,6 @@ class KerasAdapter(Adapter):
         full = np.full((len(steps), values.shape[1], values.shape[2]), np.nan)
         full[np.searchsorted(steps, applied[keep])] = values[keep]
         skipped = ~np.isin(steps, applied[keep])
-        self._read_applied = count
         self._step = total
         losses = np.asarray([float(np.asarray(self._losses[s])) if s in self._losses else np.nan for s in steps])
         self._losses = {s: v for s, v in self._losses.items() if s > total}
@@ -744,6 +752,22 @@ def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: boo
         return tf.identity(x), grad
 
     return probe(x, anchor)
+
+
+def _backend_class(cls: type[KerasAdapter]) -> type[KerasAdapter]:
+    """The adapter for the backend Keras runs on (fixed at import); a clear error for one gradwatch cannot serve."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return cls
+    if backend in ("jax", "torch"):
+        from gradwatch.adapters.keras_backends import KerasJaxAdapter, KerasTorchAdapter
+
+        return KerasJaxAdapter if backend == "jax" else KerasTorchAdapter
+    raise AttachError(f"Keras runs on the {backend!r} backend, which cannot train (OpenVINO is inference-only), so "
+                      "there are no gradients to watch. gradwatch serves the tensorflow, jax and torch backends: set "
+                      "KERAS_BACKEND before importing keras.")
 
 
 def _is_param(v) -> bool:
