@@ -13,7 +13,7 @@ from typing import Any
 
 from gradwatch._optional import require
 from gradwatch._watcher import Watcher
-from gradwatch.adapters.keras import KerasAdapter
+from gradwatch.adapters.keras_backends import keras_adapter
 from gradwatch.core.report import Report
 from gradwatch.errors import WatcherStateError
 from gradwatch.options import WatchOptions
@@ -30,7 +30,7 @@ def attach_keras(model: Any, optimizer: Any = None, **options: Any) -> Watcher:
     Statistics are read on ``gw.report()``, ``gw.flush()`` and ``gw.detach()``; inside ``fit()`` prefer
     :class:`KerasCallback`, which also reads them every ``flush_every`` batches.
     """
-    return Watcher.start(KerasAdapter, model, optimizer, options)
+    return Watcher.start(keras_adapter(), model, optimizer, options)
 
 
 class KerasCallback(keras.callbacks.Callback):
@@ -76,7 +76,7 @@ class KerasCallback(keras.callbacks.Callback):
             self._watcher.detach()
         self._epoch, self._first_epoch = 0, None
         # A subclassed model with its own train_step is built by fit()'s first step: watched from the next one.
-        self._watcher = Watcher(self.model, KerasAdapter, self.options, extra={"defer_unbuilt": True})
+        self._watcher = Watcher(self.model, keras_adapter(), self.options, extra={"defer_unbuilt": True})
         self._console_defer(True)
 
     def on_train_batch_end(self, batch, logs=None) -> None:

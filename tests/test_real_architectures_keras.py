@@ -2,7 +2,8 @@
 size, gated recurrent layers, and a broken regression CNN, each through a real ``fit()`` with gradwatch's callback.
 
 Labels come from plain Keras measurements of the same run (``model.evaluate`` before training, ``fit()``'s
-history), never from gradwatch's output.
+history), never from gradwatch's output. Runs on the backend Keras was imported with (TensorFlow here, JAX and
+PyTorch from ``tests/test_keras_backends.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras", exc_type=ModuleNotFoundError)
-pytest.importorskip("tensorflow", exc_type=ModuleNotFoundError)
+pytest.importorskip(keras.backend.backend(), exc_type=ModuleNotFoundError)  # tensorflow, jax or torch
 
 import gradwatch  # noqa: E402
 

@@ -13,15 +13,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from gradwatch.adapters.base import Adapter
+from gradwatch.adapters.base import Adapter, keras2_message
 
 __all__ = ["Adapter", "adapter_for", "framework_of"]
 
 
 def _keras() -> type[Adapter]:
-    from gradwatch.adapters.keras import KerasAdapter
+    from gradwatch.adapters.keras_backends import keras_adapter
 
-    return KerasAdapter
+    return keras_adapter()
 
 
 def _torch() -> type[Adapter]:
@@ -54,6 +54,9 @@ def adapter_for(model: Any) -> type[Adapter]:
         if cls.accepts(model):
             _CACHE[type(model)] = cls
             return cls
+    keras2 = keras2_message(model)
+    if keras2:
+        raise TypeError(keras2)
     shown = repr(model)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     raise TypeError(

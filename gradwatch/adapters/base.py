@@ -21,7 +21,7 @@ from gradwatch.core.structure import Structure
 if TYPE_CHECKING:
     from gradwatch.options import WatchOptions
 
-__all__ = ["Adapter", "Sink"]
+__all__ = ["Adapter", "Sink", "keras2_message"]
 
 
 class Sink(Protocol):
@@ -137,3 +137,14 @@ class Adapter(ABC):
         return guarded
 
     active: bool = True
+
+
+def keras2_message(model: Any) -> str | None:
+    """What to tell a user who passed a Keras 2 model (``tf_keras``, or ``tf.keras`` under
+    ``TF_USE_LEGACY_KERAS=1``), or ``None`` for anything else."""
+    keras2 = ("tf_keras.", "keras.engine.", "keras.src.engine.")
+    if not any(c.__module__.startswith(keras2) for c in type(model).__mro__):
+        return None
+    return (f"{type(model).__module__}.{type(model).__name__} is a Keras 2 model (tf_keras, or tf.keras with "
+            "TF_USE_LEGACY_KERAS=1); gradwatch watches Keras 3 models. Build it with `import keras` (Keras 3, "
+            "keras>=3.0) and unset TF_USE_LEGACY_KERAS, or watch a PyTorch model.")

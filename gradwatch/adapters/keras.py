@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.adapters.base import Adapter, Sink
+from gradwatch.adapters.base import Adapter, Sink, keras2_message
 from gradwatch.core.stats import (
     DEAD_UNIT_SAMPLES,
     SATURATION_MARGIN,
@@ -101,6 +101,7 @@ class KerasAdapter(Adapter):
 
     framework = "keras"
     module = "keras"
+    backend = "tensorflow"
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
@@ -113,7 +114,6 @@ class KerasAdapter(Adapter):
         if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
             raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no "
                              f"optimizer (received {type(optimizer).__name__}) or compile the model with it.")
-        cls = _backend_class(cls)
         adapter = cls(sink, model, every=options.every, update_every=options.update_every,
                       activation_every=options.activation_every)
         adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)))
@@ -124,8 +124,14 @@ class KerasAdapter(Adapter):
         super().__init__(sink)
         import keras
 
+        backend = keras.backend.backend()
+        if backend != getattr(self, "backend", "tensorflow"):
+            raise AttachError(f"Keras runs on the {backend!r} backend, which cannot train (OpenVINO is "
+                              "inference-only), so there are no gradients to watch. gradwatch serves the tensorflow, "
+                              "jax and torch backends: set KERAS_BACKEND before importing keras.")
         if not isinstance(model, keras.Model):
-            raise TypeError(f"KerasAdapter needs a keras.Model, received {type(model).__name__}")
+            raise TypeError(keras2_message(model) or f"KerasAdapter needs a keras.Model, received "
+                            f"{type(model).__name__}")
         self.model = model
         self.every = every
         self.update_every = update_every
@@ -752,22 +758,6 @@ def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: boo
         return tf.identity(x), grad
 
     return probe(x, anchor)
-
-
-def _backend_class(cls: type[KerasAdapter]) -> type[KerasAdapter]:
-    """The adapter for the backend Keras runs on (fixed at import); a clear error for one gradwatch cannot serve."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        return cls
-    if backend in ("jax", "torch"):
-        from gradwatch.adapters.keras_backends import KerasJaxAdapter, KerasTorchAdapter
-
-        return KerasJaxAdapter if backend == "jax" else KerasTorchAdapter
-    raise AttachError(f"Keras runs on the {backend!r} backend, which cannot train (OpenVINO is inference-only), so "
-                      "there are no gradients to watch. gradwatch serves the tensorflow, jax and torch backends: set "
-                      "KERAS_BACKEND before importing keras.")
 
 
 def _is_param(v) -> bool:

@@ -13,9 +13,12 @@ gradients with no extra pass. What differs is where the figures go:
 - **torch**: eager, so the wrapper runs the PyTorch adapter's fused kernels (``torch._foreach_norm``) and keeps
   the rows on the device until a drain copies them in one transfer.
 
-Activations are sampled on the torch backend (the layers' ``call`` wrapped on sampled steps, an autograd hook
-on recurrent layers' inputs for the gradient through time). On JAX a layer's forward cannot read the step
-number without adding a variable to the model, so activations are not sampled there, and the report says so.
+Activations are sampled on both, on the steps the TensorFlow adapter samples: the ``call`` of the watched layers
+is wrapped, and recurrent layers' inputs (and sequence outputs) get an identity whose gradient records the
+gradient's norm at each time step. On JAX the sampled step is known inside the jitted step from the optimizer's
+``iterations`` in the train step's state, the figures leave it through ``jax.debug.callback`` inside a
+``lax.cond``, and the identity is a ``jax.custom_vjp`` tied to one of the layer's weights (so the backward pass
+reaches it even when its input is the data). On torch it is an autograd hook.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 from gradwatch.adapters.keras import _RING, KerasAdapter, _ActTarget
 from gradwatch.core.stats import DEAD_UNIT_SAMPLES, STAT_NAMES, ActivationRows, time_decades
 
-__all__ = ["KerasJaxAdapter", "KerasTorchAdapter"]
+__all__ = ["KerasJaxAdapter", "KerasTorchAdapter", "keras_adapter"]
 
 _P = len(STAT_NAMES)
 
@@ -41,18 +44,173 @@ class KerasJaxAdapter(KerasAdapter):
     def _make_rings(self) -> None:
         self._host: dict[int, np.ndarray] = {}  # step -> (P, 5) row from the jitted step
         self._host_total = self._step
+        self._offset = 0
+        self._drained = self._step  # the last step id (the optimizer's, before any loss-scale mapping) drained
+        self._outer_steps = self._finite = 0  # with a LossScaleOptimizer: steps seen, steps applied
+        self._true_step: dict[int, int] = {}
         self._count = 0  # "installed"; the rows wait in self._host
         self._dropped = 0
 
     def _install_activations(self) -> None:
-        self._notes.append("Activations (saturation, dead units, RNN gradient through time) are not sampled on the "
-                           "JAX backend: a layer's jitted forward cannot know the step without a new model "
-                           "variable. Gradients and updates are judged in full.")
+        """Wrap ``model.train_step(state, data)`` (it reads the step from the optimizer's ``iterations`` in
+        ``state``, at trace time) and the ``call`` of the watched layers: on sampled steps (a ``lax.cond``) their
+        figures leave the jitted step through ``jax.debug.callback``."""
+        import jax.numpy as jnp
+
+        model = self.model
+        if "train_step" in model.__dict__:
+            self._notes.append("Activations are not sampled: model.train_step is already replaced on the instance.")
+            return
+        opt = model.optimizer
+        slot = next((k for k, v in enumerate(opt.variables) if v is opt.iterations), None)
+        if slot is None:
+            self._notes.append("Activations are not sampled: the optimizer's step counter is not among its "
+                               "variables.")
+            return
+        original_step = model.train_step
+        adapter, every = self, self.activation_every
+
+        def begin(state):
+            step = jnp.asarray(state[2][slot], jnp.int32) + 1 + adapter._offset
+            return jnp.logical_or(step == 1, step % every == 0), step
+
+        begin_g = self.guard(begin, "Keras (JAX) train_step")
+
+        def train_step(state, data):
+            adapter._local.trace = begin_g(state) if adapter.active else None
+            try:
+                return original_step(state, data)
+            finally:
+                adapter._local.trace = None
+
+        train_step.__gradwatch__ = True  # type: ignore[attr-defined]
+        model.__dict__["train_step"] = train_step
+        self._wrapped.append(model)
+        self._acts: dict[int, dict[int, np.ndarray]] = {}
+        self._fired: dict[int, dict[int, np.ndarray]] = {}
+        self._times: dict[int, dict[tuple[int, str], np.ndarray]] = {}
+        self._alive: dict[int, list[np.ndarray]] = {}
+        for target in self._act_targets:
+            if "call" in target.layer.__dict__:
+                self._notes.append(f"Activations of {target.layer.name} are not sampled: its call() is already "
+                                   "replaced on the instance.")
+                continue
+            target.layer.__dict__["call"] = self._wrap_call(target)
+            self._wrapped.append(target.layer)
+
+    def _wrap_call(self, target: _ActTarget, ring: Any = None):
+        import jax
+        import jax.numpy as jnp
+
+        original = target.layer.call
+        adapter = self
+        where = f"Keras (JAX) activations of {target.layer.name}"
+        li = target.index
+        on_act = self.guard(self._on_act, where)
+        on_time = self.guard(self._on_time, where)
+
+        def record(y, sample, step):
+            y = jax.lax.stop_gradient(y)
+
+            def send():
+                stats, fired = _jax_activation_stats(y, target)
+                jax.debug.callback(on_act, step, li, stats, fired)
+
+            jax.lax.cond(sample, send, lambda: None)
+
+        def probe(x, sample, step, side):
+            anchor = jnp.ravel(target.anchor.value)[:1].astype(x.dtype)
+
+            @jax.custom_vjp
+            def ident(x, a):
+                return x
+
+            def fwd(x, a):
+                return x, a
+
+            def bwd(a, g):
+                def send():
+                    per_t = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=(0, 2)))
+                    jax.debug.callback(on_time, step, li, side, per_t[::-1] if target.backwards else per_t)
+
+                jax.lax.cond(sample, send, lambda: None)
+                return g, jnp.zeros_like(a)
+
+            ident.defvjp(fwd, bwd)
+            # The anchor (a weight of the layer) puts the input on the path of the gradient fit() computes, even
+            # when it is the model's input; its gradient through the identity is zero.
+            return ident(x, anchor)
+
+        record_g, probe_g = self.guard(record, where), self.guard(probe, where)
+
+        def call(*args, **kwargs):
+            trace = getattr(adapter._local, "trace", None)
+            if trace is None or not adapter.active:
+                return original(*args, **kwargs)
+            sample, step = trace
+            timed = target.time and target.anchor is not None and args and getattr(args[0], "ndim", 0) == 3
+            if timed:
+                x = probe_g(args[0], sample, step, "in")
+                if x is not None:
+                    args = (x, *args[1:])
+            out = original(*args, **kwargs)
+            y = out[0] if isinstance(out, (list, tuple)) else out
+            if timed and getattr(y, "ndim", 0) == 3:
+                probed = probe_g(y, sample, step, "out")
+                if probed is not None:
+                    out = probed if y is out else type(out)([probed, *out[1:]])
+                    y = probed
+            if hasattr(y, "dtype") and jnp.issubdtype(y.dtype, jnp.floating):
+                record_g(y, sample, step)
+            return out
+
+        call.__gradwatch__ = True  # type: ignore[attr-defined]
+        return call
+
+    def _on_act(self, step: Any, li: Any, stats: Any, fired: Any) -> None:
+        step, li = int(step), int(li)
+        if step > self._step and len(self._acts) < _RING:
+            self._acts.setdefault(step, {})[li] = np.asarray(stats, dtype=np.float64)
+            self._fired.setdefault(step, {})[li] = np.asarray(fired, dtype=bool)
+
+    def _on_time(self, step: Any, li: Any, side: Any, per_t: Any) -> None:
+        step = int(step)
+        if step > self._step and len(self._times) < _RING:
+            self._times.setdefault(step, {})[(int(li), side)] = np.asarray(per_t, dtype=np.float64)
+
+    def _drain_activations(self) -> ActivationRows | None:
+        acts = getattr(self, "_acts", None)
+        if self._table is None or acts is None or not (acts or self._times):
+            return None
+        steps = sorted(set(acts) | set(self._times))
+        n = self._table.n_layers
+        arr = np.full((len(steps), 4, n), np.nan)
+        tdec = np.full((len(steps), n), np.nan)
+        for r, step in enumerate(steps):
+            for li, stats in acts.get(step, {}).items():
+                sat, rms, nonfinite = stats
+                arr[r, 0, li], arr[r, 2, li], arr[r, 3, li] = sat, rms, nonfinite
+                fired = self._fired.get(step, {}).get(li)
+                if fired is not None and fired.size:
+                    seen = self._alive.setdefault(li, [])
+                    if seen and seen[-1].shape != fired.shape:
+                        seen.clear()
+                    seen.append(fired)
+                    del seen[:-DEAD_UNIT_SAMPLES]
+                    if len(seen) >= DEAD_UNIT_SAMPLES:  # dead: fired on no input of the last sampled batches
+                        arr[r, 1, li] = float(np.mean(~np.any(np.stack(seen), axis=0)))
+            times = self._times.get(step, {})
+            for (li, side), per_t in times.items():
+                if side == "in":
+                    tdec[r, li] = _time_difference(per_t, times.get((li, "out")))
+        self._acts, self._fired, self._times = {}, {}, {}
+        return ActivationRows(steps=np.asarray(steps, dtype=np.int64), saturation=arr[:, 0], dead=arr[:, 1],
+                              rms=arr[:, 2], nonfinite=arr[:, 3], time_decades=tdec)
 
     def _on_host(self, step: Any, row: Any) -> None:
         """Runs on the host when a step's row arrives (out of the jitted step)."""
         step = int(step)
-        if step <= self._step or step in self._host:
+        if step <= self._drained or step in self._host:
             return  # already drained, or a copy (one per device under data parallelism)
         if len(self._host) >= _RING:
             self._dropped += 1
@@ -71,10 +229,14 @@ class KerasJaxAdapter(KerasAdapter):
         on_host = self.guard(self._on_host, "Keras (JAX) step callback")
         adapter = self
 
+        # Steps count from this watch's start, as on TensorFlow: the optimizer's counter may carry earlier fits.
+        offset = self._step - int(np.asarray(inner.iterations.value))
+        self._offset = offset
+
         def measure(grads, variables):
             pos = [self._index.get(id(v)) for v in variables]
             before = [v.value for v in variables]
-            step = jnp.asarray(inner.iterations.value, jnp.int32) + 1
+            step = jnp.asarray(inner.iterations.value, jnp.int32) + 1 + offset
             return step, pos, before
 
         def record(grads, variables, step, pos, before):
@@ -117,10 +279,27 @@ class KerasJaxAdapter(KerasAdapter):
         self._wrapped.append(inner)
         self._installed_on = inner
         if outer is not None:
-            self._notes.append("Mixed precision on JAX: steps the LossScaleOptimizer skipped for overflow are not "
-                               "seen (its inner apply runs only on finite steps); the others are judged unscaled.")
+            # The inner apply runs on finite steps only, numbered by the inner counter: the outer step says, in
+            # order, which steps were finite, so rows get their true step and skipped steps are known.
+            outer_original = type(outer).stateless_apply
+            on_outer = self.guard(self._on_outer, "Keras (JAX) loss-scale step")
 
-    def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+            def outer_stateless_apply(optimizer_variables, grads, trainable_variables):
+                if adapter.active:
+                    jax.debug.callback(on_outer, outer.check_finite(grads), ordered=True)
+                return outer_original(outer, optimizer_variables, grads, trainable_variables)
+
+            outer_stateless_apply.__gradwatch__ = True  # type: ignore[attr-defined]
+            outer.stateless_apply = outer_stateless_apply
+            self._wrapped.append(outer)
+
+    def _on_outer(self, finite: Any) -> None:
+        self._outer_steps += 1
+        if bool(finite):
+            self._finite += 1
+            self._true_step[self._finite + self._offset] = self._outer_steps + self._offset
+
+    def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
         import jax
 
         jax.effects_barrier()  # the rows of steps already dispatched: one wait per drain, none per step
@@ -129,10 +308,16 @@ class KerasJaxAdapter(KerasAdapter):
                                "flush_every.")
             self._dropped = 0
         rows, self._host = self._host, {}
+        total = self._host_total
+        self._drained = max(rows, default=self._drained)
+        if self._outer is not None:  # inner step ids -> true steps; the steps in between were skipped
+            rows = {self._true_step.get(k, k): v for k, v in rows.items()}
+            self._true_step = {k: v for k, v in self._true_step.items() if v > max(rows, default=self._step)}
+            total = self._outer_steps + self._offset
         if not rows:
-            return None
+            return np.zeros((0, self._table.n_params, _P)), np.zeros(0, np.int64), max(total, self._step)
         steps = np.asarray(sorted(rows), dtype=np.int64)
-        return np.stack([rows[s] for s in steps]), steps, max(self._host_total, int(steps[-1]))
+        return np.stack([rows[s] for s in steps]), steps, max(total, int(steps[-1]))
 
 
 class KerasTorchAdapter(KerasAdapter):
@@ -167,7 +352,7 @@ class KerasTorchAdapter(KerasAdapter):
             gs = [g for g, _, _ in have]
             l2 = torch.stack(torch._foreach_norm(gs, 2, dtype=f32)) if gs else None
             mx = nf = None
-            if gs and measured:
+            if gs:  # every collected step, as the TensorFlow adapter does: max |g| and the non-finite count
                 mx = torch.stack(torch._foreach_norm(gs, math.inf, dtype=f32))
                 nf = torch.stack(torch._foreach_norm(torch._foreach_mul(gs, 0.0), 0, dtype=f32))
             before = torch._foreach_mul([v.value.detach() for _, v, _ in have], 1.0) if gs and measured else None
@@ -232,6 +417,10 @@ class KerasTorchAdapter(KerasAdapter):
 
     def _install_activations(self) -> None:
         model = self.model
+        if getattr(model, "jit_compile", False):
+            self._notes.append("Activations are not sampled under jit_compile=True on the torch backend (hooks "
+                               "inside torch.compile would force graph breaks); gradients are judged in full.")
+            return
         if "train_step" in model.__dict__:
             self._notes.append("Activations are not sampled: model.train_step is already replaced on the instance.")
             return
@@ -311,9 +500,8 @@ class KerasTorchAdapter(KerasAdapter):
                 probed = probe_g(y, grads, (target.index, "out"))
                 if probed is not None:
                     out = probed if y is out else type(out)([probed, *out[1:]])
-            if target.activation is not None:
-                with torch.no_grad():
-                    record_g(out, sat)
+            with torch.no_grad():
+                record_g(out, sat)
             return out
 
         call.__gradwatch__ = True  # type: ignore[attr-defined]
@@ -358,10 +546,44 @@ class KerasTorchAdapter(KerasAdapter):
                 arr[r][:, keys] = torch.stack([sat[k] for k in keys]).cpu().numpy().T
             for (li, side), per_t in grads.items():
                 if side == "in":
-                    into = time_decades(per_t.cpu().numpy())
                     out = grads.get((li, "out"))
-                    out = time_decades(out.cpu().numpy()) if out is not None else math.nan
-                    tdec[r, li] = into - out if math.isfinite(into) and math.isfinite(out) else into
+                    tdec[r, li] = _time_difference(per_t.cpu().numpy(), None if out is None else out.cpu().numpy())
         return ActivationRows(steps=np.asarray([s for s, _, _ in rows], dtype=np.int64), saturation=arr[:, 0],
                               dead=arr[:, 1], rms=arr[:, 2], nonfinite=arr[:, 3], time_decades=tdec)
 
+
+
+def _time_difference(into: np.ndarray, out: np.ndarray | None) -> float:
+    """How many decades the gradient fades through a recurrent layer: at its input, less what it already had at
+    its output when it returns sequences (the loss reaches every output step), as the TensorFlow adapter does."""
+    a = time_decades(into)
+    b = time_decades(out) if out is not None else math.nan
+    return a - b if math.isfinite(a) and math.isfinite(b) else a
+
+
+def _jax_activation_stats(y: Any, target: _ActTarget):
+    """``[saturation, rms, nonfinite]`` of one activation output and which units fired, in the jitted step."""
+    import jax.numpy as jnp
+
+    from gradwatch.adapters.keras import _DEAD_ACTS, _SATURATION
+
+    y = y.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(y)))
+    nonfinite = jnp.sum(~jnp.isfinite(y)).astype(jnp.float32)
+    sat = jnp.float32(jnp.nan)
+    if target.activation in _SATURATION:
+        lo, hi = _SATURATION[target.activation]
+        sat = jnp.mean(((y < lo) | (y > hi)).astype(jnp.float32))
+    fired = jnp.zeros((0,), bool)
+    if target.activation in _DEAD_ACTS and y.ndim >= 2:
+        units = jnp.moveaxis(y, 1, -1) if target.channels_first and y.ndim > 2 else y
+        fired = jnp.any(units.reshape(-1, units.shape[-1]) > 0, axis=0)
+    return jnp.stack([sat, rms, nonfinite]), fired
+
+
+def keras_adapter() -> type[KerasAdapter]:
+    """The adapter for the backend Keras runs on (fixed at import). A backend gradwatch cannot serve gets the
+    TensorFlow adapter, which refuses it with a clear error when it is made."""
+    import keras
+
+    return {"jax": KerasJaxAdapter, "torch": KerasTorchAdapter}.get(keras.backend.backend(), KerasAdapter)

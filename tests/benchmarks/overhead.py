@@ -6,8 +6,8 @@ with ``gradwatch.attach(model, opt, reporters=[])`` and with ``wandb.watch(model
 log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP, a small CNN and a SimpleRNN, ``fit()`` plain, with
 ``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
 
-Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras]
-[--frameworks] [--rounds 7]
+Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
+[--keras-backend jax|torch]] [--keras-backends] [--frameworks] [--rounds 7]
 Prints a Markdown table: median step time per variant and its ratio to the plain run.
 """
 
@@ -122,6 +122,11 @@ def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict
         return m, np.random.randn(64 * steps, 60, 8).astype("float32"), \
             np.random.randint(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
 
+    def lstm():
+        m = keras.Sequential([keras.Input((60, 8)), keras.layers.LSTM(128), keras.layers.Dense(2)])
+        return m, np.random.randn(64 * steps, 60, 8).astype("float32"), \
+            np.random.randint(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
+
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -135,15 +140,16 @@ def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict
 
     out = []
     for name, make in {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn,
-                       "Keras SimpleRNN, 60 steps": rnn}.items():
+                       "Keras SimpleRNN, 60 steps": rnn, "Keras LSTM, 60 steps": lstm}.items():
         if only.lower() not in name.lower():
             continue
         model, x, y, loss, bs = make()
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
         model.fit(x[:bs * 3], y[:bs * 3], batch_size=bs, verbose=0)
         # "gradwatch, activation_every=0" isolates what the activation sampling and the RNN time probe cost.
-        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "gradwatch, activation_every=0": [],
-                                         "TensorBoard(histogram_freq=1)": []}
+        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "gradwatch, activation_every=0": []}
+        if keras.backend.backend() == "tensorflow":  # its histograms are a TensorFlow feature
+            times["TensorBoard(histogram_freq=1)"] = []
         startup: dict[str, list[float]] = {k: [] for k in times}
         names = list(times)
         for r in range(rounds):
@@ -169,6 +175,7 @@ def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict
                 n = len(x) // bs
                 times[variant].append(timer.epochs[1] / n)
                 startup[variant].append(timer.epochs[0] - timer.epochs[1])
+        name = f"{name} ({keras.backend.backend()})"
         out.append((name, {k: statistics.median(v) for k, v in times.items()}))
         print(f"{name}: first-epoch extra time (tracing, fit start): " + ", ".join(
             f"{k} {statistics.median(v):.2f} s" for k, v in startup.items()), file=sys.stderr)
@@ -193,10 +200,23 @@ def main() -> None:
     ap.add_argument("--keras", action="store_true", help="Keras models")
     ap.add_argument("--frameworks", action="store_true",
                     help="HF Trainer, Lightning, accelerate, torch.compile, DDP, FSDP2 (benchmarks/frameworks.py)")
+    ap.add_argument("--keras-backend", choices=("tensorflow", "jax", "torch"),
+                    help="with --keras: the Keras backend (default: $KERAS_BACKEND or tensorflow)")
+    ap.add_argument("--keras-backends", action="store_true",
+                    help="--keras on TensorFlow, JAX and torch, each in its own process (fixed at import)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--only", default="", help="Keras: only the models whose name contains this (e.g. CNN)")
     args = ap.parse_args()
+    if args.keras_backends:
+        import subprocess
+
+        for backend in ("tensorflow", "jax", "torch"):
+            subprocess.run([sys.executable, __file__, "--keras", "--keras-backend", backend, "--rounds",
+                            str(args.rounds), "--steps", str(args.steps), "--only", args.only], check=True)
+        return
+    if args.keras_backend:
+        os.environ["KERAS_BACKEND"] = args.keras_backend
     if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
     if args.torch:
