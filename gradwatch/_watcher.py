@@ -20,7 +20,8 @@ from gradwatch.errors import AttachError, MonitoringError
 from gradwatch.options import WatchOptions
 from gradwatch.reporters import Flush, Reporter, RunLogWriter, WatchInfo, make_reporter
 
-__all__ = ["WatchOptions", "Watcher"]  # WatchOptions lives in gradwatch.options; this path keeps working
+# WatchOptions lives in gradwatch.options; this path keeps working
+__all__ = ["WatchOptions", "Watcher", "callback_report"]
 
 log = logging.getLogger(__name__)
 
@@ -308,3 +309,15 @@ class Watcher:
 
     def _all_notes(self) -> tuple[str, ...]:
         return tuple(self.adapter.notes()) + tuple(self._notes)
+
+
+def callback_report(watcher: Watcher | None, last: Report | None, needs: str) -> Report:
+    """A training-framework callback's ``report()``: the run in progress, else the last one that ended, else a
+    :class:`~gradwatch.errors.WatcherStateError` saying what is needed first (``needs``)."""
+    if watcher is not None and watcher.active:
+        return watcher.report()
+    if last is not None:
+        return last
+    from gradwatch.errors import WatcherStateError
+
+    raise WatcherStateError(needs)

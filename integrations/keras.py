@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from gradwatch._optional import require
-from gradwatch._watcher import Watcher
+from gradwatch._watcher import Watcher, callback_report
 from gradwatch.adapters.keras_backends import keras_adapter
 from gradwatch.core.report import Report
-from gradwatch.errors import WatcherStateError
 from gradwatch.options import WatchOptions
 from gradwatch.reporters import ConsoleReporter
 
@@ -107,9 +106,6 @@ class KerasCallback(keras.callbacks.Callback):
 
     def report(self) -> Report:
         """The diagnosis of the current ``fit()``, or of the last one once it ended."""
-        if self._watcher is not None and self._watcher.active:
-            return self._watcher.report()
-        if self._last is not None:
-            return self._last
-        raise WatcherStateError("KerasCallback.report() needs a fit() first: pass the callback to "
-                                "model.fit(..., callbacks=[cb]).")
+        needs = ("KerasCallback.report() needs a fit() first: pass the callback to "
+                 "model.fit(..., callbacks=[cb]).")
+        return callback_report(self._watcher, self._last, needs)

@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from gradwatch._optional import require
-from gradwatch._watcher import Watcher
+from gradwatch._watcher import Watcher, callback_report
 from gradwatch.core.report import Report
 from gradwatch.errors import WatcherStateError
 from gradwatch.options import WatchOptions
@@ -85,7 +85,7 @@ class GradwatchCallback(pl.Callback):
         watcher = self._watcher
         if watcher is not None and watcher.active and getattr(optimizer, "optimizer", optimizer) is \
                 watcher.adapter.optimizer:
-            watcher.adapter.collect_gradients()
+            watcher.adapter.guard(watcher.adapter.collect_gradients, "Lightning on_before_optimizer_step")()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._watcher is None:
@@ -98,12 +98,9 @@ class GradwatchCallback(pl.Callback):
 
     def report(self) -> Report:
         """The diagnosis of the ``fit()`` in progress, or of the last one once it ended."""
-        if self._watcher is not None and self._watcher.active:
-            return self._watcher.report()
-        if self._last is not None:
-            return self._last
-        raise WatcherStateError("GradwatchCallback.report() needs a fit() first: pass the callback to "
-                                "Trainer(callbacks=[cb]) and call trainer.fit(...).")
+        needs = ("GradwatchCallback.report() needs a fit() first: pass the callback "
+                 "to Trainer(callbacks=[cb]) and call trainer.fit(...).")
+        return callback_report(self._watcher, self._last, needs)
 
 
 class _LoggerReporter(Reporter):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch._optional import require
-from gradwatch._watcher import Watcher
+from gradwatch._watcher import Watcher, callback_report
 from gradwatch.core.report import HEALTH_KINDS, Report
 from gradwatch.errors import WatcherStateError
 from gradwatch.options import WatchOptions
@@ -89,7 +89,11 @@ class GradwatchCallback(TrainerCallback):
         if "loss" not in logs:
             return  # an evaluation or end-of-training log: gradient figures only on training logs
         self._watcher.flush()
-        values = self.log_values()
+        try:
+            values = self.log_values()
+        except Exception as exc:  # noqa: BLE001 - fail-open: Trainer's logging goes on without gradwatch's values
+            self._watcher.on_error(exc, "GradwatchCallback.on_log")
+            return
         logs.update(values)
         history = state.log_history
         if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
@@ -108,12 +112,9 @@ class GradwatchCallback(TrainerCallback):
 
     def report(self) -> Report:
         """The diagnosis of the ``train()`` in progress, or of the last one once it ended."""
-        if self._watcher is not None and self._watcher.active:
-            return self._watcher.report()
-        if self._last is not None:
-            return self._last
-        raise WatcherStateError("GradwatchCallback.report() needs a train() first: pass the callback to "
-                                "Trainer(..., callbacks=[cb]) and call trainer.train().")
+        needs = ("GradwatchCallback.report() needs a train() first: pass the "
+                 "callback to Trainer(..., callbacks=[cb]) and call trainer.train().")
+        return callback_report(self._watcher, self._last, needs)
 
     def log_values(self) -> dict[str, float]:
         """What goes into Trainer's logs: the verdict, and per block the log10 of its gradient RMS over the

@@ -374,7 +374,13 @@ class KerasAdapter(Adapter):
                 count.assign_add(tf.cast(trace[0], tf.int64))
             return out
 
-        train_step.__gradwatch__ = True  # type: ignore[attr-defined]
+        self._wrap_step_and_layers(train_step, lambda target: self._wrap_call(target, ring))
+
+    def _wrap_step_and_layers(self, train_step: Any, make_call: Any) -> None:
+        """Put ``train_step`` on the model instance and ``make_call(target)`` as the ``call`` of each watched
+        layer's instance (every backend samples activations this way)."""
+        model = self.model
+        train_step.__gradwatch__ = True
         model.__dict__["train_step"] = train_step
         self._wrapped.append(model)
         for target in self._act_targets:
@@ -382,7 +388,7 @@ class KerasAdapter(Adapter):
                 self._notes.append(f"Activations of {target.layer.name} are not sampled: its call() is already "
                                    "replaced on the instance.")
                 continue
-            target.layer.__dict__["call"] = self._wrap_call(target, ring)
+            target.layer.__dict__["call"] = make_call(target)
             self._wrapped.append(target.layer)
 
     def _wrap_call(self, target: _ActTarget, ring: Any):

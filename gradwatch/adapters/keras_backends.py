@@ -83,22 +83,13 @@ class KerasJaxAdapter(KerasAdapter):
             finally:
                 adapter._local.trace = None
 
-        train_step.__gradwatch__ = True  # type: ignore[attr-defined]
-        model.__dict__["train_step"] = train_step
-        self._wrapped.append(model)
         self._acts: dict[int, dict[int, np.ndarray]] = {}
         self._fired: dict[int, dict[int, np.ndarray]] = {}
         self._times: dict[int, dict[tuple[int, str], np.ndarray]] = {}
         self._alive: dict[int, list[np.ndarray]] = {}
-        for target in self._act_targets:
-            if "call" in target.layer.__dict__:
-                self._notes.append(f"Activations of {target.layer.name} are not sampled: its call() is already "
-                                   "replaced on the instance.")
-                continue
-            target.layer.__dict__["call"] = self._wrap_call(target)
-            self._wrapped.append(target.layer)
+        self._wrap_step_and_layers(train_step, self._wrap_call)
 
-    def _wrap_call(self, target: _ActTarget, ring: Any = None):
+    def _wrap_call(self, target: _ActTarget):
         import jax
         import jax.numpy as jnp
 
@@ -441,18 +432,9 @@ class KerasTorchAdapter(KerasAdapter):
                     if sat or grads:
                         adapter._act_rows.append((step, sat, grads))
 
-        train_step.__gradwatch__ = True  # type: ignore[attr-defined]
-        model.__dict__["train_step"] = train_step
-        self._wrapped.append(model)
-        for target in self._act_targets:
-            if "call" in target.layer.__dict__:
-                self._notes.append(f"Activations of {target.layer.name} are not sampled: its call() is already "
-                                   "replaced on the instance.")
-                continue
-            target.layer.__dict__["call"] = self._wrap_call(target)
-            self._wrapped.append(target.layer)
+        self._wrap_step_and_layers(train_step, self._wrap_call)
 
-    def _wrap_call(self, target: _ActTarget, ring: Any = None):
+    def _wrap_call(self, target: _ActTarget):
         import torch
 
         original = target.layer.call
