@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from typing import Any
 
 from gradwatch._optional import require
@@ -23,8 +24,18 @@ from gradwatch.core.report import Report
 from gradwatch.errors import WatcherStateError
 from gradwatch.options import WatchOptions
 
-_NAMESPACE = "lightning.pytorch" if importlib.util.find_spec("lightning") is not None else "pytorch_lightning"
-pl = require(_NAMESPACE, extra="lightning", feature="gradwatch.integrations.lightning")
+
+def _namespace() -> str:
+    """The Lightning the user trains with: the one already imported (Lightning refuses a callback from the other
+    namespace), else ``lightning.pytorch`` if installed, else ``pytorch_lightning``."""
+    if "lightning.pytorch" in sys.modules:
+        return "lightning.pytorch"
+    if "pytorch_lightning" in sys.modules:
+        return "pytorch_lightning"
+    return "lightning.pytorch" if importlib.util.find_spec("lightning") is not None else "pytorch_lightning"
+
+
+pl = require(_namespace(), extra="lightning", feature="gradwatch.integrations.lightning")
 
 from gradwatch.adapters.torch import TorchAdapter  # noqa: E402
 from gradwatch.reporters.base import Flush, Reporter, flush_scalars  # noqa: E402

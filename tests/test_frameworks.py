@@ -451,3 +451,33 @@ def test_torch_compile_no_graph_break_or_recompile_and_eager_findings(how):
         [(f.kind, f.layers, f.step) for f in eager.report().findings]
     assert report.findings and report.layers[0].name == "body.0"
     assert any("activations are not sampled" in n for n in report.notes)  # said, not silently skipped
+
+
+PL_NAMESPACE = """
+import pytorch_lightning as pl, torch, gradwatch
+from torch import nn
+from gradwatch.integrations.lightning import GradwatchCallback
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__(); self.net = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 1))
+    def training_step(self, batch, i):
+        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+x = torch.randn(64, 8)
+cb = GradwatchCallback(reporters=[])
+pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False, enable_checkpointing=False,
+           enable_model_summary=False, accelerator="cpu").fit(M(), torch.utils.data.DataLoader(
+               torch.utils.data.TensorDataset(x, x[:, :1]), batch_size=16))
+print("steps", cb.report().step, type(cb).__mro__[1].__module__)
+"""
+
+
+def test_lightning_callback_follows_the_pytorch_lightning_namespace_when_that_is_imported():
+    import subprocess
+    import sys
+
+    pytest.importorskip("pytorch_lightning")
+    out = subprocess.run([sys.executable, "-c", PL_NAMESPACE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "steps 4 pytorch_lightning." in out.stdout, out.stdout
