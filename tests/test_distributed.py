@@ -95,3 +95,12 @@ def test_fsdp1_with_orig_params_gives_ddp_figures_and_without_says_why_not(tmp_p
     flat = distributed.run(str(tmp_path / "flat"), "fsdp1_flat", options=options)
     np.testing.assert_array_equal(rms(flat[0]), rms(flat[1]))
     assert any("use_orig_params=True) for per-layer figures" in n for n in flat[0]["report"]["notes"])
+
+
+def test_hf_trainer_under_ddp_reports_on_the_main_process_only(tmp_path):
+    pytest.importorskip("transformers")
+    zero, one = distributed.run_hf(str(tmp_path))
+    assert zero["world"] == one["world"] == 2 and zero["step"] == one["step"] == 4
+    assert "gradwatch" in zero["stdout"] and "gradwatch" not in one["stdout"]
+    np.testing.assert_array_equal(rms(zero), rms(one))  # the all-reduced gradients, measured on both ranks
+    assert zero["healthy"] and one["healthy"]
