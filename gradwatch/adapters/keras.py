@@ -219,21 +219,7 @@ class KerasAdapter(Adapter):
         trace time; a failure there goes to the sink and the step is traced without gradwatch."""
         self._index = {id(v): i for i, v in enumerate(self._vars)}
         self._inner, self._outer = inner, outer
-        original = type(inner).apply
-        measure = self.guard(self._measure_grads, "Keras optimizer.apply")
-        record = self.guard(self._record, "Keras optimizer.apply")
-
-        def apply(grads, trainable_variables=None):
-            grads = list(grads)
-            state = measure(grads, trainable_variables)
-            result = original(inner, grads, trainable_variables)
-            if state is not None:
-                record(*state)
-            return result
-
-        apply.__gradwatch__ = True  # type: ignore[attr-defined]
-        inner.apply = apply
-        self._wrapped.append(inner)
+        self._wrap_inner_apply(inner, self._measure_grads, self._record, "Keras optimizer.apply")
         if outer is not None:
             outer_original = type(outer).apply
             total, adapter = self._total, self
@@ -248,13 +234,38 @@ class KerasAdapter(Adapter):
             self._wrapped.append(outer)
         self._installed_on = inner
 
+    def _wrap_inner_apply(self, inner: Any, measure: Any, record: Any, where: str, after: Any = None) -> None:
+        """The instance wrapper of ``inner.apply`` every backend uses: ``measure(grads, trainable_variables)``
+        before the update (``None``: nothing to record), ``after()`` once it is applied, ``record(*state)`` then.
+        Both are fail-open through :meth:`guard`."""
+        original = type(inner).apply
+        measure, record = self.guard(measure, where), self.guard(record, where)
+
+        def apply(grads, trainable_variables=None):
+            grads = list(grads)
+            state = measure(grads, trainable_variables)
+            result = original(inner, grads, trainable_variables)
+            if after is not None:
+                after()
+            if state is not None:
+                record(*state)
+            return result
+
+        apply.__gradwatch__ = True  # type: ignore[attr-defined]
+        inner.apply = apply
+        self._wrapped.append(inner)
+
+    def _variables(self, trainable_variables: Any) -> list:
+        """The variables an ``apply`` call updates (the optimizer's own when none are passed)."""
+        return list(trainable_variables) if trainable_variables is not None else \
+            list(self._inner._trainable_variables)
+
     def _measure_grads(self, grads: list, trainable_variables: Any):
         """In the traced step, before the update: this step's number and whether it is collected, the gradient
         statistics, and on measure steps a copy of the weights."""
         import tensorflow as tf
 
-        variables = list(trainable_variables) if trainable_variables is not None else \
-            list(self._inner._trainable_variables)
+        variables = self._variables(trainable_variables)
         pos = [self._index.get(id(getattr(v, "_gradwatch_source", v))) for v in variables]
         # Under a distribution strategy, apply() runs per replica on the replica's own gradients; the optimizer
         # sums them later. Judge the summed gradient, once: one extra all-reduce on gradwatch's account.

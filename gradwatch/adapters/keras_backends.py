@@ -215,7 +215,6 @@ class KerasJaxAdapter(KerasAdapter):
 
         self._index = {id(v): i for i, v in enumerate(self._vars)}
         self._inner, self._outer = inner, outer
-        original = type(inner).apply
         p, every, update_every = self._table.n_params, self.every, self.update_every
         on_host = self.guard(self._on_host, "Keras (JAX) step callback")
         adapter = self
@@ -224,11 +223,12 @@ class KerasJaxAdapter(KerasAdapter):
         offset = self._step - int(np.asarray(inner.iterations.value))
         self._offset = offset
 
-        def measure(grads, variables):
+        def measure(grads, trainable_variables):
+            variables = self._variables(trainable_variables)
             pos = [self._index.get(id(v)) for v in variables]
             before = [v.value for v in variables]
             step = jnp.asarray(inner.iterations.value, jnp.int32) + 1 + offset
-            return step, pos, before
+            return grads, variables, step, pos, before
 
         def record(grads, variables, step, pos, before):
             nan = jnp.full((_P,), jnp.nan, jnp.float32)
@@ -252,22 +252,7 @@ class KerasJaxAdapter(KerasAdapter):
             else:
                 send()
 
-        measure_g = self.guard(measure, "Keras (JAX) optimizer.apply")
-        record_g = self.guard(record, "Keras (JAX) optimizer.apply")
-
-        def apply(grads, trainable_variables=None):
-            grads = list(grads)
-            variables = list(trainable_variables) if trainable_variables is not None else \
-                list(inner._trainable_variables)
-            state = measure_g(grads, variables) if adapter.active else None
-            result = original(inner, grads, trainable_variables)
-            if state is not None and adapter.active:
-                record_g(grads, variables, *state)
-            return result
-
-        apply.__gradwatch__ = True  # type: ignore[attr-defined]
-        inner.apply = apply
-        self._wrapped.append(inner)
+        self._wrap_inner_apply(inner, measure, record, "Keras (JAX) optimizer.apply")
         self._installed_on = inner
         if outer is not None:
             # The inner apply runs on finite steps only, numbered by the inner counter: the outer step says, in
@@ -329,11 +314,11 @@ class KerasTorchAdapter(KerasAdapter):
 
         self._index = {id(v): i for i, v in enumerate(self._vars)}
         self._inner, self._outer = inner, outer
-        original = type(inner).apply
         p, adapter = self._table.n_params, self
         f32 = torch.float32
 
-        def measure(grads, variables):
+        def measure(grads, trainable_variables):
+            variables = self._variables(trainable_variables)
             step = adapter._total_py + (0 if outer is not None else 1)
             if (step - 1) % adapter.every:
                 return None
@@ -349,6 +334,7 @@ class KerasTorchAdapter(KerasAdapter):
             before = torch._foreach_mul([v.value.detach() for _, v, _ in have], 1.0) if gs and measured else None
             return step, have, l2, mx, nf, before
 
+        @torch.no_grad()
         def record(step, have, l2, mx, nf, before):
             device = l2.device if l2 is not None else None
             row = torch.full((p, _P), float("nan"), device=device)
@@ -364,25 +350,11 @@ class KerasTorchAdapter(KerasAdapter):
             adapter._rows_dev.append((step, row))
             adapter._count += 1
 
-        measure_g = self.guard(measure, "Keras (torch) optimizer.apply")
-        record_g = self.guard(record, "Keras (torch) optimizer.apply")
+        def count() -> None:  # without a loss scaler, every applied step is a step
+            adapter._total_py += 1
 
-        def apply(grads, trainable_variables=None):
-            grads = list(grads)
-            variables = list(trainable_variables) if trainable_variables is not None else \
-                list(inner._trainable_variables)
-            state = measure_g(grads, variables) if adapter.active else None
-            result = original(inner, grads, trainable_variables)
-            if outer is None:
-                adapter._total_py += 1
-            if state is not None and adapter.active:
-                with torch.no_grad():
-                    record_g(*state)
-            return result
-
-        apply.__gradwatch__ = True  # type: ignore[attr-defined]
-        inner.apply = apply
-        self._wrapped.append(inner)
+        self._wrap_inner_apply(inner, measure, record, "Keras (torch) optimizer.apply",
+                               after=count if outer is None else None)
         if outer is not None:
             outer_original = type(outer).apply
 
