@@ -55,6 +55,9 @@ __all__ = ["TorchAdapter", "unwrap_optimizer"]
 _SIGMOID_SAT = math.log((1 - SATURATION_MARGIN) / SATURATION_MARGIN)
 _TANH_SAT = math.atanh(1 - SATURATION_MARGIN)
 
+# Gradients of at least this many elements get their L2 norm in backward, while in cache (CPU only).
+_HOT_NUMEL = 1 << 16
+
 _COMPILED_NOTE = ("torch.compile'd model: layer order is registration order and activations are not sampled "
                   "(hooks inside a compiled graph would force graph breaks and recompiles); gradients and updates "
                   "are measured as in eager mode.")
@@ -109,6 +112,7 @@ class TorchAdapter(Adapter):
         update_every: Measure the update ratio every N collected steps (needs an optimizer; costs one copy of
             the parameters on those steps).
         activation_every: Sample activation statistics every N steps; ``0`` turns sampling off.
+        flush_every: Steps between drains: the capacity the row ring starts with (it grows if drains are later).
     """
 
     framework = "torch"
@@ -122,10 +126,11 @@ class TorchAdapter(Adapter):
     @classmethod
     def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> TorchAdapter:
         return cls(sink, model, optimizer, scaler=extra.get("scaler"), every=options.every,
-                   update_every=options.update_every, activation_every=options.activation_every)
+                   update_every=options.update_every, activation_every=options.activation_every,
+                   flush_every=options.flush_every)
 
     def __init__(self, sink: Sink, model: nn.Module, optimizer: Any = None, *, scaler: Any = None,
-                 every: int = 1, update_every: int = 10, activation_every: int = 25) -> None:
+                 every: int = 1, update_every: int = 10, activation_every: int = 25, flush_every: int = 25) -> None:
         super().__init__(sink)
         if not isinstance(model, nn.Module):
             raise TypeError(f"TorchAdapter needs a torch.nn.Module, received {type(model).__name__}")
@@ -141,6 +146,7 @@ class TorchAdapter(Adapter):
         self.every = every
         self.update_every = update_every
         self.activation_every = activation_every
+        self.flush_every = flush_every
 
         named = list(self.root.named_parameters(remove_duplicate=False))
         if not named:
@@ -165,16 +171,21 @@ class TorchAdapter(Adapter):
         self._shard: ShardPlan | None = None
         self._step = 0
         self._collected = 0
-        self._rows: list[torch.Tensor] = []
+        self._ring: _RowRing | None = None
         self._row_steps: list[int] = []
-        self._row_skipped: list[torch.Tensor] = []
-        self._row_loss: list[torch.Tensor] = []
+        self._scratch: dict[int, torch.Tensor] = {}
+        self._empty: frozenset[int] = frozenset()
+        self._zero1: torch.Tensor | None = None
+        self._hot_handles: list[Any] = []
+        self._hot: dict[int, tuple[Any, int, torch.Tensor]] = {}  # param -> (its grad, that grad's version, L2)
+        self._hot_stale = 0
+        self._hot_snap: dict[int, tuple] = {}  # param -> (its scratch buffer holding a snapshot from backward, norm)
+        self._prev_norms: dict[int, torch.Tensor] = {}
         self._loss_now: torch.Tensor | None = None
-        self._nan_scalar: torch.Tensor | None = None
-        self._grad_row: torch.Tensor | None = None
+        self._has_row = False  # this step's gradient columns were written into the ring
+        self._dirty = False  # this step's slot of the ring holds something
         self._given = False  # this step's gradients were handed in by collect_gradients()
         self._closure_step = False  # this step runs optimizer.step(closure): gradients exist only after it
-        self._update_row: torch.Tensor | None = None
         self._prev: list[torch.Tensor] | None = None
         self._prev_idx: list[int] | None = None
         self._bwd_queued = False
@@ -260,15 +271,18 @@ class TorchAdapter(Adapter):
 
     def detach(self) -> None:
         self.active = False
-        for h in self._handles + self._act_handles + self._order_handles:
+        for h in self._handles + self._act_handles + self._order_handles + self._hot_handles:
             h.remove()
         self._handles.clear()
+        self._hot_handles.clear()
+        self._hot = {}
         self._act_handles.clear()
         for obj, name in self._restore:
             if getattr(obj.__dict__.get(name), "__gradwatch__", False):
                 del obj.__dict__[name]
         self._restore.clear()
         self._prev = None
+        self._scratch.clear()
 
     # -- layer order and table -----------------------------------------------------------------------------
 
@@ -336,10 +350,14 @@ class TorchAdapter(Adapter):
         self._params = params
         self._modules_by_layer = [modules[m] for m in order]
         self._device = params[0].device
+        self._ring = _RowRing(len(params), self._device, self.flush_every)
+        self._empty = frozenset(i for i, p in enumerate(params) if local(p).numel() == 0)
+        self._zero1 = torch.zeros(1, device=self._device)
         self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
         if self._sparse:
             self._notes.append("Sparse-gradient embeddings are not measured: "
                                + ", ".join(pnames[i] for i in sorted(self._sparse)) + ".")
+        self._install_hot()
         self._feeders: dict[str, str] = {}
         try:
             self._structure, self._feeders = read_structure(self.root, order, self._order)
@@ -382,6 +400,54 @@ class TorchAdapter(Adapter):
                                "per measured step.")
         return shapes
 
+    def _install_hot(self) -> None:
+        """On CPU, take the L2 norm of each large gradient the moment backward has accumulated it, while it is
+        still in cache: measured on a 20x512 MLP, a later pass over all gradients costs about 5% of the step, the
+        hot norms about 1%. Small gradients (and GPUs, where one fused kernel reads them all) keep the one
+        ``_foreach_norm`` pass. A hot norm is used only if the gradient is still the same tensor at the same
+        version when the step reads it; clipping, loss-scale unscaling or a further accumulation after the last
+        backward change it in place, and that parameter is measured again in the later pass."""
+        if (self._device.type != "cpu" or self.compiled or self._shard is not None or self.scaler is not None
+                or not hasattr(torch.Tensor, "register_post_accumulate_grad_hook")):
+            return
+        for i, p in enumerate(self._params):
+            if i not in self._sparse and p.requires_grad and p.numel() >= _HOT_NUMEL:
+                self._hot_handles.append(p.register_post_accumulate_grad_hook(self._hook(self._hot_hook(i),
+                                                                                         "grad_hot")))
+
+    def _hot_hook(self, i: int):
+        def hook(p: torch.Tensor) -> None:
+            if not (self.active and self._due()):
+                return
+            g = p.grad
+            l2 = torch.linalg.vector_norm(g, dtype=torch.float32)
+            mx = nf = None
+            if self._detail_due():
+                lo, hi = torch.aminmax(g)
+                mx = torch.maximum(hi.abs(), lo.abs()).float()
+                nf = _count_nonfinite(g, l2)
+                if self.optimizer is not None and self.scaler is None:
+                    # The weights were just read by this layer's backward: snapshot them while in cache.
+                    buf = self._scratch_for([p], [i])[0]
+                    with torch.no_grad():
+                        buf.copy_(p)
+                    self._hot_snap[i] = (buf, torch.linalg.vector_norm(buf, dtype=torch.float32))
+            self._hot[i] = (weakref.ref(g), g._version, l2, mx, nf)
+        return hook
+
+    def _hot_fresh(self, grads: list[torch.Tensor | None]) -> dict[int, tuple]:
+        """The hot figures still valid: the parameter's gradient is the tensor the hook saw, at the same version.
+        Hot norms stale on three measured steps in a row (a user who clips every step) stop being taken."""
+        hot, self._hot = self._hot, {}
+        fresh = {i: h for i, h in hot.items() if h[0]() is grads[i] and grads[i]._version == h[1]}
+        if self._hot_handles:
+            self._hot_stale = 0 if fresh or not hot else self._hot_stale + 1
+            if self._hot_stale >= 3:
+                for h in self._hot_handles:
+                    h.remove()
+                self._hot_handles.clear()
+        return fresh
+
     def _watch_overflow(self) -> None:
         """Every step, for each layer feeding an unbounded activation (``torch.exp``): whether its output passed the
         point where the activation overflows. One comparison per such layer; most models have none."""
@@ -420,12 +486,36 @@ class TorchAdapter(Adapter):
                 self._index_cache[key] = idx
         return idx
 
-    def _grad_stats(self, detail: bool) -> torch.Tensor:
-        """One ``(3, P)`` device tensor: gradient L2 norm, max |g|, non-finite count; NaN where no gradient.
+    def _put(self, rows: slice, missing: list[bool] | None, vals: torch.Tensor) -> None:
+        """Write ``vals`` (one column per present parameter) into this step's slot of the row ring."""
+        slot = self._ring.slot(len(self._row_steps))
+        self._dirty = True
+        if missing is None:
+            slot[rows].copy_(vals)
+        else:
+            slot[rows].index_copy_(1, self._index(missing), vals.to(slot.dtype))
 
-        The L2 norm (one pass) is taken on every collected step, and an inf/NaN norm already says a gradient is
-        non-finite. Max |g| and the exact count of non-finite values cost two more passes on CPU, so they are
-        taken on ``detail`` steps only (those that measure the update ratio), NaN otherwise.
+    def _scratch_for(self, tensors: list[torch.Tensor], at: list[int] | None) -> list[torch.Tensor]:
+        """One preallocated buffer per tensor (the same shape and dtype), kept across steps: the update-ratio
+        snapshot and the detail passes write into it instead of allocating a copy of the model each time."""
+        bufs = self._scratch
+        out = []
+        for k, t in enumerate(tensors):
+            i = at[k] if at is not None else k
+            b = bufs.get(i)
+            if b is None or b.shape != t.shape or b.dtype != t.dtype:
+                b = bufs[i] = torch.empty_like(t, memory_format=torch.contiguous_format)
+            out.append(b)
+        return out
+
+    def _grad_stats(self, detail: bool) -> None:
+        """Write this step's gradient columns into the row ring: L2 norm, max |g|, non-finite count; NaN where
+        no gradient.
+
+        The L2 norm (one fused pass) is taken on every collected step, and an inf/NaN norm already says a gradient
+        is non-finite. Max |g| and the exact count of non-finite values are taken on ``detail`` steps only (those
+        that measure the update ratio), NaN otherwise: |g| is copied into the preallocated scratch buffers, its
+        max taken (NaN propagates), then ``|g| * 0`` (0 where finite, NaN where not) counted by a 0-"norm".
         """
         params = self._params
         grads = [p.grad for p in params]
@@ -434,35 +524,69 @@ class TorchAdapter(Adapter):
             grads = [stand_ins[i] if g is None and i in stand_ins else g for i, g in enumerate(grads)]
         missing = [g is None or i in self._sparse for i, g in enumerate(grads)] if self._sparse else \
             [g is None for g in grads]
-        n = len(params)
+        at: list[int] | None = None
         if True in missing:
-            present = [g for g, m in zip(grads, missing) if not m]
+            at = [i for i, m in enumerate(missing) if not m]
+            present = [grads[i] for i in at]
             if not present:
-                return torch.full((3, n), float("nan"), device=self._device)
+                return  # the slot stays NaN
         else:
-            present = grads
-        f32 = torch.float32
+            present, missing = grads, None
         shard = self._shard
         if shard is not None:  # local shards; the L2 column holds sums of squares until ShardPlan.reduce
             present = [local(g) for g in present]
-            l2 = squared_norms(present).to(self._device)
+            l2 = squared_norms(present)
+            cols = self._detail_cols(present, at, l2) if detail else None
         else:
-            l2 = torch.stack(torch._foreach_norm(present, 2, dtype=f32)).to(self._device)
-        if detail:
-            at = [i for i, m in enumerate(missing) if not m] if shard is not None and shard.empty else ()
-            maxable = shard.max_inputs(present, at) if at else present
-            mx = torch.stack(torch._foreach_norm(maxable, math.inf, dtype=f32)).to(self._device)
-            # g * 0 is 0 where g is finite and NaN where it is not; the 0-"norm" counts the NaNs.
-            nf = torch.stack(torch._foreach_norm(torch._foreach_mul(present, 0.0), 0, dtype=f32)).to(self._device)
-            vals = torch.stack([l2, mx, nf])
+            fresh = self._hot_fresh(grads) if self._hot else {}
+            if fresh:
+                idx = list(at if at is not None else range(len(present)))
+                cold_k = [k for k, i in enumerate(idx) if i not in fresh or (detail and fresh[i][3] is None)]
+            else:
+                cold_k = range(len(present))
+            cold = [present[k] for k in cold_k] if fresh else present
+            if cold:
+                cl2 = torch.stack(torch._foreach_norm(cold, 2, dtype=torch.float32))
+                cold_cols = self._detail_cols(cold, [idx[k] for k in cold_k] if fresh else at, cl2) \
+                    if detail else None
+            if not fresh:
+                l2, cols = cl2, cold_cols
+            else:
+                hot = {k: fresh[i] for k, i in enumerate(idx) if i in fresh}
+                slot = {k: j for j, k in enumerate(cold_k)}
+                l2 = torch.stack([cl2[slot[k]] if k in slot else hot[k][2] for k in range(len(idx))])
+                cols = None
+                if detail:
+                    cols = [torch.stack([cold_cols[c][slot[k]] if k in slot else hot[k][3 + c]
+                                         for k in range(len(idx))]) for c in (0, 1)]
+        if not detail:
+            self._put(slice(0, 1), missing, l2.to(self._device).unsqueeze(0))
+            return
+        self._put(slice(0, 3), missing, torch.stack([l2, *cols]).to(self._device))
+
+    def _detail_cols(self, present: list[torch.Tensor], at: list[int] | None,
+                     l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max |g| and the non-finite count of each tensor. On a GPU: |g| copied into the preallocated scratch
+        buffers, its max (NaN propagates), then ``|g| * 0`` (0 where finite, NaN where not) counted by a 0-"norm",
+        all without a sync. On CPU, where reading a value costs no sync, the count pass runs only when an L2 norm
+        is not finite (a finite L2 norm means every value is finite)."""
+        f32 = torch.float32
+        on_cpu = self._device.type == "cpu"
+        if not on_cpu and self._prev is None:  # the scratch is free (not holding a weight snapshot)
+            absg = self._scratch_for(present, at)
+            torch._foreach_copy_(absg, present)
+            torch._foreach_abs_(absg)
         else:
-            nan = torch.full_like(l2, float("nan"))
-            vals = torch.stack([l2, nan, nan])
-        if len(present) == n:
-            return vals
-        row = torch.full((3, n), float("nan"), device=self._device)
-        row[:, self._index(missing)] = vals
-        return row
+            absg = torch._foreach_abs(present)
+        empty = self._empty
+        if empty:
+            idx = at if at is not None else range(len(present))
+            absg = [self._zero1 if i in empty else t for t, i in zip(absg, idx)]
+        mx = torch.stack(_foreach_max(absg)).to(f32)
+        if on_cpu and bool(torch.isfinite(l2).all()):
+            return mx, torch.zeros_like(mx)
+        torch._foreach_mul_(absg, 0.0)
+        return mx, torch.stack(torch._foreach_norm(absg, 0, dtype=f32))
 
     def _detail_due(self) -> bool:
         return self._collected % self.update_every == 0
@@ -475,12 +599,35 @@ class TorchAdapter(Adapter):
         idx = [i for i, p in enumerate(params) if i not in self._sparse and (
             p.grad is not None or i in stand_ins or (before_backward and p.requires_grad))]
         self._prev_idx = idx
+        if not idx:
+            self._prev = None
+            return
+        snap, self._hot_snap = self._hot_snap, {}
+        self._prev_norms = {i: n for i, (_, n) in snap.items()}
+        now = [local(params[i]) for i in idx]
         with torch.no_grad():
-            self._prev = torch._foreach_mul([local(params[i]) for i in idx], 1.0) if idx else None
+            self._prev = self._scratch_for(now, idx)
+            if snap:  # those taken in backward, while in cache, are done
+                todo = [k for k, i in enumerate(idx) if snap.get(i, (None,))[0] is not self._prev[k]]
+                if todo:
+                    torch._foreach_copy_([self._prev[k] for k in todo], [now[k] for k in todo])
+            else:
+                torch._foreach_copy_(self._prev, now)
 
-    def _update_stats(self) -> torch.Tensor | None:
+    def _weight_norms(self, prev: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
+        """``||w_old||`` per snapshot: those taken in backward came with their norm."""
+        known, self._prev_norms = self._prev_norms, {}
+        if not known:
+            return torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
+        todo = [k for k, i in enumerate(idx) if i not in known]
+        done = iter(torch._foreach_norm([prev[k] for k in todo], 2, dtype=torch.float32)) if todo else iter(())
+        return torch.stack([known[i] if i in known else next(done) for i in idx])
+
+    def _update_stats(self) -> None:
+        """Write this step's weight-norm and update-norm columns from the snapshot: ``||w_old||``, then the
+        snapshot becomes ``w_old - w_new`` in place."""
         if self._prev is None or not self._prev_idx:
-            return None
+            return
         params = self._params
         prev, idx = self._prev, self._prev_idx
         self._prev = None
@@ -489,22 +636,24 @@ class TorchAdapter(Adapter):
             if len(keep) < len(idx):
                 prev, idx = [prev[k] for k in keep], [idx[k] for k in keep]
                 if not idx:
-                    return None
+                    return
         now = [local(params[i]) for i in idx]
         with torch.no_grad():
-            diff = torch._foreach_sub(now, prev)
             if self._shard is not None:  # sums of squares until ShardPlan.reduce
-                un, wn = squared_norms(diff), squared_norms(prev)
+                wn = squared_norms(prev)
+                torch._foreach_sub_(prev, now)
+                un = squared_norms(prev)
             else:
-                un = torch.stack(torch._foreach_norm(diff, 2, dtype=torch.float32))
-                wn = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
+                wn = self._weight_norms(prev, idx)
+                torch._foreach_sub_(prev, now)
+                un = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
         n = len(params)
-        row = torch.full((2, n), float("nan"), device=self._device)
-        missing = [True] * n
-        for i in idx:
-            missing[i] = False
-        row[:, self._index(missing)] = torch.stack([wn, un]).to(self._device)
-        return row
+        missing = None
+        if len(idx) < n:
+            missing = [True] * n
+            for i in idx:
+                missing[i] = False
+        self._put(slice(3, 5), missing, torch.stack([wn, un]).to(self._device))
 
     def collect_gradients(self) -> None:
         """Read the gradients now, for the step in progress: what a training framework's "before the optimizer
@@ -512,8 +661,8 @@ class TorchAdapter(Adapter):
         The optimizer hooks then only measure the update and close the step."""
         if not self.active or not self._ensure_table() or not self._due():
             return
-        self._grad_row = self._grad_stats(self._detail_due())
-        self._given = True
+        self._grad_stats(self._detail_due())
+        self._has_row = self._given = True
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # optimizer.step(closure) runs the backward inside the step (Lightning, LBFGS): the gradients this pre-hook
@@ -526,17 +675,19 @@ class TorchAdapter(Adapter):
         if not self._ensure_table() or not self._due():
             return
         if self.scaler is None and not self._closure_step and not self._given:
-            self._grad_row = self._grad_stats(self._detail_due())
+            self._grad_stats(self._detail_due())
+            self._has_row = True
         if self._detail_due():
             self._snapshot_params(before_backward=self._closure_step)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self._ensure_table():
             return
-        if self._closure_step and self._due() and not self._given and self.scaler is None:
-            self._grad_row = self._grad_stats(self._detail_due())
         if self._prev is not None:
-            self._update_row = self._update_stats()
+            self._update_stats()  # first: the snapshot lives in the scratch buffers the detail passes reuse
+        if self._closure_step and self._due() and not self._given and self.scaler is None:
+            self._grad_stats(self._detail_due())
+            self._has_row = True
         if self.scaler is None:
             self._finish_step(None)
 
@@ -571,26 +722,21 @@ class TorchAdapter(Adapter):
         if not self._ensure_table():
             return
         if self._due() and not self._given:
-            self._grad_row = self._grad_stats(self._detail_due())
+            self._grad_stats(self._detail_due())
+            self._has_row = True
         self._finish_step(skipped)
 
     def _finish_step(self, skipped: torch.Tensor | None) -> None:
         self._step += 1
         step = self._step
-        if self._grad_row is not None:
-            n = self._grad_row.shape[1]
-            upd = self._update_row if self._update_row is not None else torch.full(
-                (2, n), float("nan"), device=self._device)
-            row = torch.cat([self._grad_row, upd])
-            self._rows.append(self._shard.reduce(row) if self._shard is not None else row)
+        if self._has_row:
+            self._ring.commit(len(self._row_steps), self._shard, skipped, self._loss_now)
             self._row_steps.append(step)
-            self._row_skipped.append(skipped if skipped is not None else torch.zeros((), dtype=torch.bool,
-                                                                                   device=self._device))
-            self._row_loss.append(self._loss_now if self._loss_now is not None else self._nan())
             self._collected += 1
-        self._grad_row = None
+        elif self._dirty:  # an update measured on a step whose gradients were not: the slot is reused
+            self._ring.clear(len(self._row_steps))
+        self._has_row = self._dirty = False
         self._given = False
-        self._update_row = None
         self._loss_now = None
         if self._overflow_now:
             layers = sorted(self._overflow_now)
@@ -631,7 +777,7 @@ class TorchAdapter(Adapter):
                 return
             with torch.no_grad():
                 x = x.detach().float()
-                nan = torch.tensor(float("nan"), device=x.device)
+                nan = torch.full((), float("nan"), device=x.device)  # a fill: no host copy
                 rms = x.pow(2).mean().sqrt()
                 nonfinite = (~torch.isfinite(x)).sum().float()
                 if act == "sigmoid":
@@ -657,7 +803,7 @@ class TorchAdapter(Adapter):
             seen.clear()
         seen.append(alive)
         if len(seen) < DEAD_UNIT_SAMPLES:
-            return torch.tensor(float("nan"), device=alive.device)
+            return torch.full((), float("nan"), device=alive.device)
         return (~torch.stack(list(seen)).any(dim=0)).float().mean()
 
     def _rnn_pre(self, key: str, grads: dict, module: nn.RNNBase):
@@ -706,30 +852,14 @@ class TorchAdapter(Adapter):
             value = torch.tensor(float(loss), dtype=torch.float32)
         self._loss_now = value.to(self._device) if self._device is not None else value
 
-    def _nan(self) -> torch.Tensor:
-        """One NaN scalar on the model's device, made once (rows without a logged loss share it)."""
-        if self._nan_scalar is None:
-            self._nan_scalar = torch.full((), float("nan"), device=self._device)
-        return self._nan_scalar
-
     def drain(self) -> tuple[StepBatch | None, ActivationRows | None]:
         batch = None
-        if self._rows:
-            stacked = torch.stack(self._rows).transpose(1, 2)  # (n, P, 5)
-            skipped = torch.stack(self._row_skipped)
-            losses = torch.stack(self._row_loss)
-            host = torch.cat([stacked.reshape(-1), skipped.float().reshape(-1), losses]).cpu().numpy()
-            n, p = stacked.shape[0], stacked.shape[1]
-            cut = n * p * len(STAT_NAMES)
-            values = host[:cut].reshape(n, p, len(STAT_NAMES)).astype(np.float64)
-            loss = host[cut + n:].astype(np.float64)
-            batch = StepBatch(steps=np.asarray(self._row_steps, dtype=np.int64), values=values,
-                              skipped=host[cut:cut + n] > 0,
+        if self._row_steps:
+            n = len(self._row_steps)
+            values, skipped, loss = self._ring.take(n)
+            batch = StepBatch(steps=np.asarray(self._row_steps, dtype=np.int64), values=values, skipped=skipped,
                               extras={"loss": loss} if np.isfinite(loss).any() else {})
-            self._rows.clear()
             self._row_steps.clear()
-            self._row_skipped.clear()
-            self._row_loss.clear()
         acts = self._drain_activations()
         return batch, acts
 
@@ -777,6 +907,68 @@ class TorchAdapter(Adapter):
         steps = np.asarray([s for s, _, _ in rows], dtype=np.int64)
         return ActivationRows(steps=steps, saturation=arr[:, 0], dead=arr[:, 1], rms=arr[:, 2],
                               nonfinite=arr[:, 3], time_decades=tdec)
+
+
+def _count_nonfinite(g: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """The number of inf/NaN values of a CPU tensor whose L2 norm is ``l2``: none when the norm is finite (no sync
+    on CPU), else counted."""
+    if math.isfinite(float(l2)):
+        return torch.zeros((), dtype=torch.float32)
+    return torch.count_nonzero(g - g).float()  # g - g is NaN exactly where g is inf or NaN
+
+
+def _foreach_max(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per tensor, its max (NaN if it holds one): ``torch._foreach_max`` where torch has it (2.4+); the infinity
+    norm, ten times slower on CPU, where not (the tensors are non-negative here)."""
+    fused = getattr(torch, "_foreach_max", None)
+    return fused(tensors) if fused is not None else torch._foreach_norm(tensors, math.inf)
+
+
+class _RowRing:
+    """The rows of one flush period, preallocated on the model's device: ``(capacity, 5, P)`` statistics in
+    :data:`STAT_NAMES` order (NaN until written), a skipped flag and a loss per row. Each measured step writes its
+    slot in place (no per-step allocation); a drain copies the used slots to the host in one transfer and resets
+    them. It doubles when a drain comes late, so memory stays bounded by the flush period."""
+
+    def __init__(self, n_params: int, device: torch.device, capacity: int) -> None:
+        self.n_params = n_params
+        self.device = device
+        self.values = torch.full((max(capacity, 1), len(STAT_NAMES), n_params), float("nan"), device=device)
+        self.skipped = torch.zeros(self.values.shape[0], dtype=torch.bool, device=device)
+        self.loss = torch.full((self.values.shape[0],), float("nan"), device=device)
+
+    def slot(self, k: int) -> torch.Tensor:
+        if k >= self.values.shape[0]:
+            extra = self.values.shape[0]
+            self.values = torch.cat([self.values, torch.full_like(self.values, float("nan"))])
+            self.skipped = torch.cat([self.skipped, torch.zeros(extra, dtype=torch.bool, device=self.device)])
+            self.loss = torch.cat([self.loss, torch.full((extra,), float("nan"), device=self.device)])
+        return self.values[k]
+
+    def commit(self, k: int, shard: ShardPlan | None, skipped: torch.Tensor | None,
+               loss: torch.Tensor | None) -> None:
+        slot = self.slot(k)
+        if shard is not None:
+            slot.copy_(shard.reduce(slot))
+        if skipped is not None:
+            self.skipped[k].copy_(skipped)
+        if loss is not None:
+            self.loss[k].copy_(loss)
+
+    def clear(self, k: int) -> None:
+        if k < self.values.shape[0]:
+            self.values[k].fill_(float("nan"))
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``n`` rows as host arrays ``(n, P, 5)``, skipped ``(n,)``, loss ``(n,)``; then reset."""
+        host = torch.cat([self.values[:n].reshape(-1), self.skipped[:n].float(), self.loss[:n]]).cpu().numpy()
+        cut = n * self.n_params * len(STAT_NAMES)
+        values = host[:cut].reshape(n, len(STAT_NAMES), self.n_params).transpose(0, 2, 1).astype(np.float64)
+        skipped, loss = host[cut:cut + n] > 0, host[cut + n:].astype(np.float64)
+        self.values[:n].fill_(float("nan"))
+        self.skipped[:n].zero_()
+        self.loss[:n].fill_(float("nan"))
+        return values, skipped, loss
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -26,77 +26,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def torch_cases():
-    import torch
-    from torch import nn
-
-    from tests.fixtures.models import SeqClassifier, SmallResNet, TinyTransformer, mlp
-
-    def mlp20():
-        return mlp(20, width=256, d_in=64, act=nn.ReLU, init="he"), (torch.randn(128, 64), torch.randn(128, 1)), "mse"
-
-    def resnet():
-        return SmallResNet(c=32, blocks=3), (torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))), "ce"
-
-    def transformer():
-        m = TinyTransformer(vocab=1000, d=128, layers=4)
-        return m, (torch.randint(0, 1000, (32, 64)), torch.randint(0, 2, (32,))), "ce"
-
-    def lstm():
-        m = SeqClassifier("lstm", hidden=128, d_in=32)
-        m.rnn = nn.LSTM(32, 128, num_layers=2, batch_first=True)
-        return m, (torch.randn(32, 50, 32), torch.randint(0, 2, (32,))), "ce"
-
-    return {"MLP, 20 layers": mlp20, "ResNet, 3 blocks": resnet, "Transformer, 4 layers": transformer,
-            "LSTM, 2 layers": lstm}
-
-
-def bench_torch(rounds: int, steps: int) -> list[tuple[str, dict[str, float]]]:
-    import torch
-    import wandb
-    from torch.nn import functional as F
-
-    import gradwatch
-
-    torch.manual_seed(0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    out = []
-    tmp = tempfile.mkdtemp()
-    run = wandb.init(mode="offline", dir=tmp, project="gradwatch-bench")
-    for name, make in torch_cases().items():
-        model, (x, y), loss_kind = make()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-        def step():
-            opt.zero_grad()
-            out_ = model(x)
-            loss = F.mse_loss(out_, y) if loss_kind == "mse" else F.cross_entropy(out_, y)
-            loss.backward()
-            opt.step()
-
-        for _ in range(5):
-            step()
-        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "wandb.watch": []}
-        for _ in range(rounds):
-            for variant in times:
-                gw = None
-                if variant == "gradwatch":
-                    gw = gradwatch.attach(model, opt, reporters=[])
-                elif variant == "wandb.watch":
-                    run.watch(model, log="gradients", log_freq=1)
-                for _ in range(steps):
-                    t0 = time.perf_counter()
-                    step()
-                    times[variant].append(time.perf_counter() - t0)
-                if gw is not None:
-                    gw.detach()
-                elif variant == "wandb.watch":
-                    run.unwatch(model)
-        out.append((name, {k: statistics.median(v) for k, v in times.items()}))
-    run.finish()
-    return out
-
-
 def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict[str, float]]]:
     import keras
     import numpy as np
@@ -220,9 +149,9 @@ def main() -> None:
     if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
     if args.torch:
-        import torch  # noqa: F401  (before tensorflow)
+        from tests.benchmarks import torch_cost
 
-        print(table(bench_torch(args.rounds, args.steps)))
+        torch_cost.main(args.rounds, args.only, scale=not args.only)
     if args.keras:
         print(table(bench_keras(args.rounds, args.steps, args.only)))
     if args.frameworks:

@@ -10,6 +10,7 @@ before it closes, so findings neither flap nor fire on one noisy step.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ __all__ = ["Check", "CheckContext", "EarlyLate", "Episode", "GradStep", "Ledger"
 class GradStep:
     """One collected step's per-layer gradient figures (arrays of ``n_layers``), as every check reads them.
 
-    ``finite`` is whether every present gradient was finite; ``skipped`` whether a loss scaler skipped it;
-    ``loss`` the training loss logged for the step (NaN where none was).
+    ``finite`` is whether every present gradient was finite (no non-finite value counted, every RMS finite);
+    ``skipped`` whether a loss scaler skipped it; ``loss`` the training loss logged for the step (NaN where none
+    was).
     """
 
     step: int
@@ -41,17 +43,16 @@ class GradStep:
     nonfinite_measured: bool
     skipped: bool
     loss: float = math.nan
+    finite: bool = True
 
     @classmethod
     def of(cls, rows: LayerRows, i: int) -> GradStep:
-        return cls(step=int(rows.steps[i]), rms=rows.grad_rms[i], update_ratio=rows.update_ratio[i],
-                   grad_norm=rows.grad_norm[i], grad_max=rows.grad_max[i], nonfinite=rows.nonfinite[i],
-                   present=rows.present[i], nonfinite_measured=bool(rows.nonfinite_measured[i]),
-                   skipped=bool(rows.skipped[i]), loss=float(rows.loss[i]) if rows.loss is not None else math.nan)
-
-    @property
-    def finite(self) -> bool:
-        return not (self.nonfinite > 0).any() and bool(np.all(np.isfinite(self.rms[self.present])))
+        rms, present, nonfinite = rows.grad_rms[i], rows.present[i], rows.nonfinite[i]
+        return cls(step=int(rows.steps[i]), rms=rms, update_ratio=rows.update_ratio[i],
+                   grad_norm=rows.grad_norm[i], grad_max=rows.grad_max[i], nonfinite=nonfinite,
+                   present=present, nonfinite_measured=bool(rows.nonfinite_measured[i]),
+                   skipped=bool(rows.skipped[i]), loss=float(rows.loss[i]) if rows.loss is not None else math.nan,
+                   finite=not (nonfinite > 0).any() and bool(np.all(np.isfinite(rms[present]))))
 
 
 @dataclass(slots=True)
@@ -121,13 +122,17 @@ class Voter:
                  off_fraction: float) -> None:
         self.ledger, self.key, self.kind, self.check = ledger, key, kind, check
         self.votes: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
+        self._count: np.ndarray | None = None  # per layer, how many votes in the window are set
         self.on_fraction, self.off_fraction = on_fraction, off_fraction
 
     def vote(self, step: int, flags: np.ndarray) -> Episode | None:
         """Add one vote; return the episode that is open after it (``None`` when none is, or it just closed)."""
         votes = self.votes
+        if len(votes) == votes.maxlen:
+            self._count -= votes[0][1]
         votes.append((step, flags))
-        frac = np.sum([f for _, f in votes], axis=0) / votes.maxlen
+        self._count = self._count + flags if self._count is not None else flags.astype(np.int64)
+        frac = self._count / votes.maxlen
         on = frac >= self.on_fraction
         ep = self.ledger.get(self.key)
         if ep is None:
@@ -156,10 +161,13 @@ class EarlyLate:
         self.early: list[float] = []
         self.late: deque[float] = deque(maxlen=window)
         self.seen = 0
+        self._baseline: float | None = None  # the first window's median, kept until a value joins it
 
     def baseline(self) -> float:
         """The median of the first values (NaN before the first)."""
-        return float(np.median(self.early)) if self.early else math.nan
+        if self._baseline is None:
+            self._baseline = float(statistics.median(self.early)) if self.early else math.nan
+        return self._baseline
 
     def add(self, value: float, *, baseline: bool = True) -> None:
         """Add a value; ``baseline=False`` keeps it out of the first window (a burst must not raise its own
@@ -167,6 +175,7 @@ class EarlyLate:
         self.seen += 1
         if baseline and len(self.early) < self.window:
             self.early.append(value)
+            self._baseline = None
         self.late.append(value)
 
     def growth(self) -> float:
@@ -174,7 +183,7 @@ class EarlyLate:
         when either median is not positive."""
         if self.seen < 2 * self.window or not self.early:
             return math.nan
-        early, late = self.baseline(), float(np.median(self.late))
+        early, late = self.baseline(), float(statistics.median(self.late))
         return math.log10(late / early) if early > 0 and late > 0 else math.nan
 
 
