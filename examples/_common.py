@@ -4,10 +4,8 @@ verdict. Each example is ``python examples/<case>.py``; it exits with status 1 i
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import gradwatch
@@ -33,77 +31,54 @@ def long_memory(n=512, length=60, seed=0):
     return x, (x[:, 0, 0] > 0).long()
 
 
-class Run(NamedTuple):
-    report: gradwatch.Report
-    loss_start: float  # on the whole data set, before training
-    loss_end: float  # and after
-
-
-def train(model, data, *, steps, lr, optimizer="sgd", loss="mse", batch=64, clip=None, title=""):
-    """A plain PyTorch loop with gradwatch attached (silent while it runs)."""
+def batches(data, steps, batch=64, seed=1):
+    """``steps`` random mini-batches of ``data``, drawn once: every run of the trial sees these, in this order."""
     x, y = data
-    g = torch.Generator().manual_seed(1)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    start = evaluate(model, data, loss)
-    with gradwatch.attach(model, opt, reporters=[]) as gw:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (batch,), generator=g)
-            opt.zero_grad()
-            out = model(x[idx])
-            value = F.mse_loss(out, y[idx]) if loss == "mse" else F.cross_entropy(out, y[idx])
-            value.backward()
-            if clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
-            opt.step()
-            losses.append(value.item())
-    report = gw.report()
-    end = evaluate(model, data, loss)
+    g = torch.Generator().manual_seed(seed)
+    return [(x[i], y[i]) for i in (torch.randint(0, len(x), (batch,), generator=g) for _ in range(steps))]
+
+
+def optimizer(name="sgd", lr=0.01):
+    if name == "adam":
+        return lambda params: torch.optim.Adam(params, lr=lr)
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def cure(make_model, data, *, steps, lr, optimizer_name="sgd", loss="mse", batch=64, expected, title, top=3):
+    """Train ``make_model()`` as it is, then each of gradwatch's top recommendations applied to a fresh copy,
+    with ``gradwatch.trial``; print the table. Exits 1 unless a fix cured the model (its finding gone, a lower
+    final loss than the sick run), or if the cure is not ``expected``."""
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    torch.manual_seed(0)
+    result = gradwatch.trial(make_model, batches(data, steps, batch), loss_fn, optimizer(optimizer_name, lr),
+                             steps=steps, top=top)
+    base = result.baseline
+    recs = base.report.recommendations
     print(f"\n== {title} ==")
-    print(f"loss on the whole data set: {start:.3f} before training, {end:.3f} after {steps} steps; "
-          f"gradwatch: {'healthy' if report.healthy else 'problems: ' + kinds(report)}")
-    for f in report.findings:
+    print("gradwatch on the model as given: " + ("problems: " + ", ".join(base.findings) if base.findings
+                                                 else "healthy"))
+    for f in base.report.findings:
         print(f"  finding: {f}")
-    return Run(report, start, end)
-
-
-@torch.no_grad()
-def evaluate(model, data, loss="mse") -> float:
-    x, y = data
-    out = model(x)
-    return float(F.mse_loss(out, y) if loss == "mse" else F.cross_entropy(out, y))
-
-
-def kinds(report) -> str:
-    return ", ".join(dict.fromkeys(f.kind for f in report.findings)) or "none"
-
-
-def first_fix(report, expected: str):
-    """The first recommendation, printed in full; exits if it is not the fix this case is about."""
-    if not report.recommendations:
-        sys.exit(f"gradwatch made no recommendation (findings: {kinds(report)})")
-    rec = report.recommendations[0]
-    print(f"\nFirst recommendation: {rec.fix} on {', '.join(rec.layers)}\n  why: {rec.reason}\n"
-          f"  code:\n" + "\n".join("    " + line for line in rec.snippet.splitlines()))
-    if rec.fix != expected:
-        sys.exit(f"expected gradwatch's first recommendation to be {expected!r}, got {rec.fix!r}")
-    return rec
-
-
-def pick_fix(report, fix: str):
-    """The recommendation ``fix`` from gradwatch's ranked list (printed); exits if gradwatch did not make it."""
     print("\ngradwatch's recommendations, first to try first:")
-    for rec in report.recommendations:
+    for rec in recs:
         print(f"  {rec.rank}. {rec.fix} ({', '.join(rec.layers[:5])}{', ...' if len(rec.layers) > 5 else ''})")
-    chosen = next((r for r in report.recommendations if r.fix == fix), None)
-    if chosen is None:
-        sys.exit(f"gradwatch did not recommend {fix!r}")
-    code = "\n".join("    " + ln for ln in chosen.snippet.splitlines())
-    print(f"\nApplying {fix}: {chosen.reason}\n  code:\n" + code)
-    return chosen
+        if rec.rank == 1:
+            print("     code:\n" + "\n".join("       " + line for line in rec.snippet.splitlines()))
+    print(f"\ngradwatch.trial: each fix on a fresh model, {steps} steps, the same batches in the same order\n")
+    print(result)
+    best = result.best
+    if best is None:
+        print("\nNo fix cured it. NOT FIXED")
+        sys.exit(1)
+    rank = next(r.rank for r in recs if r.fix == best.fix)
+    improved = best.final_loss < base.final_loss
+    ok = improved and best.fix == expected
+    print(f"\nBest fix: {best.fix}, recommendation {rank} ({best.change}).")
+    print(f"After the fix: {', '.join(base.findings)} gone; training {'improved' if improved else 'did not improve'}"
+          f". {'OK' if ok else 'NOT FIXED'}")
+    if not ok:
+        sys.exit(1)
+    return result
 
 
 @torch.no_grad()
@@ -112,14 +87,3 @@ def accuracy(model, data) -> float:
     return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-def conclude(before: Run, after: Run, *, gone: str, better: bool | None = None) -> None:
-    """Print the outcome; exit 1 unless the finding kind ``gone`` disappeared and training improved (by default:
-    the fixed run's loss fell by at least 10% while the sick run's did not fall as far)."""
-    if better is None:
-        better = after.loss_end < 0.9 * after.loss_start and not before.loss_end < after.loss_end
-    still = [f for f in after.report.findings if f.kind == gone]
-    ok = not still and better
-    print(f"\nAfter the fix: {gone} {'gone' if not still else 'still there'}; training "
-          f"{'improved' if better else 'did not improve'}. {'OK' if ok else 'NOT FIXED'}")
-    if not ok:
-        sys.exit(1)

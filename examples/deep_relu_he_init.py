@@ -9,10 +9,9 @@ Run: python examples/deep_relu_he_init.py
 
 import math
 
-import torch
 from torch import nn
 
-from _common import conclude, first_fix, regression, train
+from _common import cure, regression
 
 
 def deep_relu_mlp(depth=30, width=64, d_in=20):
@@ -27,16 +26,5 @@ def deep_relu_mlp(depth=30, width=64, d_in=20):
 
 
 if __name__ == "__main__":
-    data = regression()
-    torch.manual_seed(0)
-    before = train(deep_relu_mlp(), data, steps=300, lr=0.003, title="30 ReLU layers, Xavier init")
-    rec = first_fix(before.report, "he_init")
-
-    torch.manual_seed(0)
-    model = deep_relu_mlp()
-    for name in rec.layers:  # what the snippet says, on the layers gradwatch named
-        layer = model.get_submodule(name)
-        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-        nn.init.zeros_(layer.bias)
-    after = train(model, data, steps=300, lr=0.003, title="the same network, He init on those layers")
-    conclude(before, after, gone="vanishing")
+    cure(deep_relu_mlp, regression(), steps=300, lr=0.003, expected="he_init",
+         title="30 ReLU layers, Xavier init")

@@ -8,13 +8,10 @@ learning rate divided by that factor, the same network trains.
 Run: python examples/huge_lr_lower_lr.py
 """
 
-import math
-import re
 
-import torch
 from torch import nn
 
-from _common import conclude, first_fix, regression, train
+from _common import cure, regression
 
 
 def relu_mlp(depth=6, width=64, d_in=20):
@@ -29,15 +26,6 @@ def relu_mlp(depth=6, width=64, d_in=20):
 
 
 if __name__ == "__main__":
-    data = regression()
     lr = 3.0
-    torch.manual_seed(0)
-    before = train(relu_mlp(), data, steps=100, lr=lr, title=f"6 ReLU layers, He init, lr={lr}")
-    rec = first_fix(before.report, "lower_learning_rate")
-    factor = float(re.search(r"/= ([0-9.e+-]+)", rec.snippet).group(1))
-
-    torch.manual_seed(0)
-    after = train(relu_mlp(), data, steps=100, lr=lr / factor,
-                  title=f"the same network, lr={lr / factor:g} (divided by {factor:g})")
-    conclude(before, after, gone="nonfinite", better=math.isfinite(after.loss_end)
-             and after.loss_end < 0.9 * after.loss_start)
+    cure(relu_mlp, regression(), steps=100, lr=lr, expected="lower_learning_rate",
+         title=f"6 ReLU layers, He init, lr={lr}")

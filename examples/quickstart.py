@@ -2,7 +2,8 @@
 
 Its early layers receive gradients many orders of magnitude smaller than the output layer's (Glorot &
 Bengio 2010): gradwatch reports the vanishing layers while training runs, and at the end a summary with
-ranked fixes. Then the first fix (ReLU with He init) is applied and the same training is watched again.
+ranked fixes. Then ``gradwatch.trial`` tries the top fixes, each on a fresh copy of the model trained on the same
+batches, and shows which one cures it.
 
 Run: python examples/quickstart.py
 """
@@ -47,14 +48,23 @@ def train(model, steps=300, lr=0.05):
     return gw.report(), loss.item()
 
 
+def batches(steps=300, seed=1):
+    x, y = make_data()
+    g = torch.Generator().manual_seed(seed)
+    return [(x[i], y[i]) for i in (torch.randint(0, len(x), (128,), generator=g) for _ in range(steps))]
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     print("== 1. A deep sigmoid MLP, PyTorch default init ==")
     report, loss = train(deep_mlp(nn.Sigmoid))
     print(f"final loss {loss:.3f}; healthy: {report.healthy}")
-    first = report.recommendations[0] if report.recommendations else None
-    if first is not None:
-        print(f"\n== 2. Applying gradwatch's first recommendation: {first.fix} ==")
+    if report.recommendations:
+        print("\n== 2. gradwatch.trial: the top fixes, each on a fresh model, the same batches ==")
         torch.manual_seed(0)
-        fixed, loss_fixed = train(deep_mlp(nn.ReLU, he=True), lr=0.01)
-        print(f"final loss {loss_fixed:.3f} (was {loss:.3f}); healthy: {fixed.healthy}")
+        result = gradwatch.trial(lambda: deep_mlp(nn.Sigmoid), batches(), nn.functional.mse_loss,
+                                 lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9), steps=300)
+        print(result)
+        if result.best is None:
+            raise SystemExit("no fix cured the model")
+        print(f"\nbest fix: {result.best.fix} ({result.best.change}); healthy: {result.best.report.healthy}")

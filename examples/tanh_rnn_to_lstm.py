@@ -10,7 +10,7 @@ Run: python examples/tanh_rnn_to_lstm.py
 import torch
 from torch import nn
 
-from _common import accuracy, conclude, first_fix, long_memory, train
+from _common import cure, long_memory
 
 
 class SeqClassifier(nn.Module):
@@ -30,17 +30,5 @@ class SeqClassifier(nn.Module):
 
 
 if __name__ == "__main__":
-    data = long_memory(length=60)
-    torch.manual_seed(0)
-    model = SeqClassifier("rnn")
-    before = train(model, data, steps=400, lr=0.01, optimizer="adam", loss="ce",
-                   title="tanh RNN, class = sign of step 1 of 60")
-    first_fix(before.report, "gated_rnn")
-    acc_before = accuracy(model, data)
-
-    torch.manual_seed(0)
-    model = SeqClassifier("lstm")  # nn.RNN -> nn.LSTM at the layer gradwatch named (rnn)
-    after = train(model, data, steps=400, lr=0.01, optimizer="adam", loss="ce", title="the same task with an LSTM")
-    acc_after = accuracy(model, data)
-    print(f"accuracy: {acc_before:.0%} with the RNN, {acc_after:.0%} with the LSTM")
-    conclude(before, after, gone="vanishing", better=acc_after > acc_before + 0.2)
+    cure(SeqClassifier, long_memory(length=60), steps=400, lr=0.01, optimizer_name="adam", loss="ce",
+         expected="gated_rnn", title="tanh RNN, class = sign of step 1 of 60")

@@ -23,6 +23,7 @@ from gradwatch.core.structure import LayerInfo, Structure
 from gradwatch.errors import AttachError, GradwatchError, LogError, MonitoringError, WatcherStateError
 from gradwatch.options import WatchOptions
 from gradwatch.reporters import ConsoleReporter, Flush, Reporter, RunLogWriter, WatchInfo
+from gradwatch.trials import TrialReport, TrialRun, trial
 
 if TYPE_CHECKING:
     from gradwatch.integrations.keras import KerasCallback
@@ -48,6 +49,8 @@ __all__ = [
     "RunLogWriter",
     "Structure",
     "Thresholds",
+    "TrialReport",
+    "TrialRun",
     "WandbReporter",
     "WatchInfo",
     "WatchOptions",
@@ -56,6 +59,7 @@ __all__ = [
     "__version__",
     "attach",
     "load",
+    "trial",
 ]
 
 #: Names loaded on first use (``__getattr__``), so that ``import gradwatch`` imports no framework (Keras, W&B).

@@ -546,3 +546,39 @@ def test_keras_2_model_gets_a_clear_error():
     model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(4,))])
     with pytest.raises(TypeError, match=r"is a Keras 2 model .*gradwatch watches Keras 3 models"):
         gradwatch.attach(model)
+
+
+def test_trial_cures_the_sigmoid_mlp_and_leaves_the_model_alone():
+    """gradwatch.trial on a compiled Keras model: the clone with ReLU + He normal cures it; the model passed in is
+    neither fitted nor changed."""
+    model = mlp("sigmoid")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    x, y = data()
+    result = gradwatch.trial(model, x, y, epochs=3, batch_size=64)
+    assert [np.array_equal(a, b) for a, b in zip(before, model.get_weights())] == [True] * len(before)
+    assert int(model.optimizer.iterations) == 0
+    base = result.baseline
+    assert result.framework == "keras" and result.steps == 24 and len(base.losses) == 24
+    assert "vanishing" in base.findings and base.report.recommendations[0].fix == "relu"
+    first = result.runs[0]
+    assert first.fix == "relu" and first.applied and first.cured and 'activation="relu"' in first.change
+    best = result.best
+    assert best is not None and best.cured and best.final_loss < base.final_loss
+    assert best.fix == "relu", str(result)
+
+
+def test_trial_cures_deep_relu_on_glorot_with_he_normal():
+    model = mlp("relu", depth=30)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    x, y = data()
+    result = gradwatch.trial(model, x, y, epochs=4, batch_size=64, top=2)
+    assert "vanishing" in result.baseline.findings
+    best = result.best
+    assert best is not None and best.fix == "he_init" and best.final_loss < result.baseline.final_loss, str(result)
+    assert result.runs[0].fix == "he_init"
+
+
+def test_trial_of_an_uncompiled_model_says_so():
+    with pytest.raises(ValueError, match="needs a compiled Keras model"):
+        gradwatch.trial(mlp("sigmoid", depth=2), *data())

@@ -43,4 +43,4 @@ def recommend(findings: tuple[Finding, ...], structure: Structure | None, layers
 
 def _with_rank(rec: Recommendation, rank: int) -> Recommendation:
     return Recommendation(fix=rec.fix, layers=rec.layers, reason=rec.reason, snippet=rec.snippet,
-                          references=rec.references, rank=rank, addresses=rec.addresses)
+                          references=rec.references, rank=rank, addresses=rec.addresses, settings=rec.settings)

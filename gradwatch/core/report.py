@@ -106,6 +106,9 @@ class Recommendation(_Serialisable):
         references: Papers behind the advice.
         rank: 1 for the first thing to try.
         addresses: The finding kinds it answers.
+        settings: The fix's numbers, for code that applies it (``gradwatch.trial``): ``{"max_norm": 1.0}`` for
+            ``gradient_clipping`` (and ``"orthogonal_recurrent"``: the recurrent layers to start at spectral
+            radius 1), ``{"factor": 100.0}`` for ``lower_learning_rate`` (divide the learning rate by it).
     """
 
     fix: Fix
@@ -115,6 +118,7 @@ class Recommendation(_Serialisable):
     references: tuple[str, ...] = ()
     rank: int = 0
     addresses: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.rank}. {self.fix}: {self.reason}"

@@ -53,9 +53,10 @@ UNIT_SLOPE = frozenset({"tanh", "hardtanh", "softsign"})
 MAX_LR_FACTOR_DECADES = 3
 
 
-def _rec(fix: str, priority: int, layers, reason: str, snippet: str, addresses: tuple[str, ...]) -> Candidate:
+def _rec(fix: str, priority: int, layers, reason: str, snippet: str, addresses: tuple[str, ...],
+         **settings) -> Candidate:
     return Candidate(priority, Recommendation(fix=fix, layers=tuple(layers), reason=reason, snippet=snippet,
-                                              references=REFERENCES[fix], addresses=addresses))
+                                              references=REFERENCES[fix], addresses=addresses, settings=settings))
 
 
 class ReluRule(Rule):
@@ -191,7 +192,8 @@ class RecurrentClippingRule(Rule):
         amplifying = [la for la in rnn_layers if (la.recurrent_radius or 0) > AMPLIFYING_RADIUS]
         return _rec("gradient_clipping", Priority.EXPLOSION_THROUGH_TIME_FIRST if first else Priority.CLIP_RECURRENT,
                     [la.name for la in rnn_layers], reason, ctx.snippets.clip(max_norm, amplifying),
-                    ("exploding", "nonfinite"))
+                    ("exploding", "nonfinite"), max_norm=float(max_norm),
+                    orthogonal_recurrent=tuple(la.name for la in amplifying))
 
 
 class InitScaleRule(Rule):
@@ -301,7 +303,7 @@ class LowerLearningRateRule(Rule):
                   f"size is the likely cause: {basis}. Lower the learning rate about {factor:g}x.")
         priority = Priority.LOWER_LEARNING_RATE_RECURRENT if ctx.structure.recurrent else Priority.LOWER_LEARNING_RATE
         return _rec("lower_learning_rate", priority, f.layers, reason, ctx.snippets.lr(factor),
-                    ("exploding", "nonfinite"))
+                    ("exploding", "nonfinite"), factor=float(factor))
 
 
 class ClippingBoundRule(Rule):
@@ -317,7 +319,7 @@ class ClippingBoundRule(Rule):
         return _rec("gradient_clipping", Priority.CLIP_BOUND, f.layers,
                     f"{finding_evidence(f)} Clipping the global gradient norm (~{max_norm:g}, its healthy level in "
                     "this run) bounds each step while the cause is fixed.",
-                    ctx.snippets.clip(max_norm), ("exploding", "nonfinite"))
+                    ctx.snippets.clip(max_norm), ("exploding", "nonfinite"), max_norm=float(max_norm))
 
 
 def _relu_layers(ctx: Context, f: Finding):
@@ -359,7 +361,7 @@ class DeadUnitsLearningRateRule(Rule):
         return _rec("lower_learning_rate", Priority.LOWER_LEARNING_RATE_DEAD, f.layers,
                     f"{f.message} Updates of {ur:.2g}x the weights per step can push units permanently "
                     "negative; lower the learning rate.",
-                    ctx.snippets.lr(factor), ("dead_units",))
+                    ctx.snippets.lr(factor), ("dead_units",), factor=float(factor))
 
 
 #: The rules ``recommend`` runs, in this order (a later rule may read what earlier ones proposed).
