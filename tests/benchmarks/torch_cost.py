@@ -93,7 +93,8 @@ def cases() -> dict[str, Callable[[], Case]]:
         import transformers
 
         torch.manual_seed(0)
-        cfg = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=4, n_head=4)
+        cfg = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=4, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)
         m = transformers.GPT2LMHeadModel(cfg)
         ids = torch.randint(0, 1000, (16, 64))
         return trainer("GPT-2 (transformers), 4x128, AdamW", m, torch.optim.AdamW(m.parameters(), lr=1e-4),
