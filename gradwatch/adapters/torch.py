@@ -516,10 +516,10 @@ class TorchAdapter(Adapter):
         """Write this step's gradient columns into the row ring: L2 norm, max |g|, non-finite count; NaN where
         no gradient.
 
-        The L2 norm (one fused pass) is taken on every collected step, and an inf/NaN norm already says a gradient
-        is non-finite. Max |g| and the exact count of non-finite values are taken on ``detail`` steps only (those
-        that measure the update ratio), NaN otherwise: |g| is copied into the preallocated scratch buffers, its
-        max taken (NaN propagates), then ``|g| * 0`` (0 where finite, NaN where not) counted by a 0-"norm".
+        The L2 norm is taken on every collected step, and an inf/NaN norm already says a gradient is non-finite.
+        Max |g| and the exact count of non-finite values are taken on ``detail`` steps only (those that measure the
+        update ratio), NaN otherwise. Large CPU gradients come measured from backward (:meth:`_install_hot`) where
+        still valid; the rest take one ``_foreach_norm`` pass and :meth:`_detail_cols`.
         """
         params = self._params
         grads = [p.grad for p in params]
