@@ -1,14 +1,16 @@
-"""Training-step overhead of gradwatch at its defaults, against no monitoring and against the peers a user
-would otherwise pick, measured in one process with the variants interleaved.
+"""Training-step overhead of gradwatch, against no monitoring and against the peers a user would otherwise pick.
 
-PyTorch: a 20-layer MLP, a small ResNet, a small transformer encoder and a 2-layer LSTM on CPU, each plain,
-with ``gradwatch.attach(model, opt, reporters=[])`` and with ``wandb.watch(model, log="gradients",
-log_freq=1)`` (offline). Keras (``--keras``): a 20-layer MLP, a small CNN and a SimpleRNN, ``fit()`` plain, with
-``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(histogram_freq=1)``.
+PyTorch (``--torch``, the default): tests/benchmarks/torch_cost.py: a 20x512 tanh MLP, a small ResNet, a
+transformer encoder, a 2-layer LSTM and a GPT-2 from ``transformers``, each plain, with the one-norm floor, with
+gradwatch at its defaults, with ``wandb.watch(log="gradients")`` at ``log_freq`` 1 and 100 and with Lightning's
+``grad_norm``; amortised means over whole schedule periods, variants taking turns step by step; then the scale
+rows (a 1,000-layer model, RSS over 20,000 steps). Keras (``--keras``): a 20-layer MLP, a small CNN, a SimpleRNN
+and an LSTM, ``fit()`` plain, with ``gradwatch.KerasCallback`` and with ``keras.callbacks.TensorBoard(
+histogram_freq=1)``. GPU: tests/benchmarks/gpu.py.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
-[--keras-backend jax|torch]] [--keras-backends] [--frameworks] [--rounds 7]
-Prints a Markdown table: median step time per variant and its ratio to the plain run.
+[--keras-backend jax|torch]] [--keras-backends] [--frameworks] [--rounds 3]
+Prints Markdown tables.
 """
 
 from __future__ import annotations
