@@ -120,7 +120,7 @@ def test_the_graph_is_read():
 PUBLIC = ("attach", "load", "Watcher", "WatchOptions", "Thresholds", "Report", "Finding", "Recommendation",
           "LayerSummary", "ParamSummary", "Structure", "LayerInfo", "Reporter", "Flush", "WatchInfo",
           "ConsoleReporter", "RunLogWriter", "WandbReporter", "KerasCallback", "GradwatchError", "AttachError",
-          "MonitoringError", "LogError", "WatcherStateError", "__version__")
+          "MonitoringError", "LogError", "WatcherStateError", "__version__", "trial", "TrialReport", "TrialRun")
 
 
 def test_every_public_name_is_exported_from_gradwatch():

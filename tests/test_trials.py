@@ -147,7 +147,6 @@ def test_the_table_reaches_an_active_wandb_run(tmp_path):
     finally:
         run.finish()
     logged = read_run(tmp_path)
-    row = next(h for h in logged.history if "gradwatch/trial" in h)
-    table = logged.table_rows(row["gradwatch/trial"])
+    table = logged.table_rows(logged.summary["gradwatch/trial"])
     assert [r[0] for r in table] == ["baseline (as given)", "relu"]
     assert table[1][5] == result.runs[0].cured

@@ -46,7 +46,8 @@ def trial_keras(model: Any, x: Any = None, y: Any = None, *, epochs: int = 1, ba
                 fixes: Any = None, top: int = 3):
     import keras
 
-    from gradwatch.trials import Progress, candidates, check_common, finish, health_kinds
+    from gradwatch.trials.result import health_kinds
+    from gradwatch.trials.runs import Progress, candidates, check_common, finish
 
     if getattr(model, "optimizer", None) is None or getattr(model, "loss", None) is None:
         raise ValueError(f"trial() needs a compiled Keras model: call {model.name}.compile(optimizer=..., "
@@ -199,7 +200,7 @@ def _build(keras, model, plan: _Plan):
 
 def _fit(keras, model, plan: _Plan, weights: dict, x, y, epochs: int, batch_size: int, sizes: list[int],
          progress) -> TrialRun:
-    import gradwatch
+    from gradwatch.integrations.keras import KerasCallback
 
     # Every run starts from the same random state: the fresh layers' draws and fit()'s are the same whatever the
     # runs before did, so a run is comparable and repeatable (a 30-layer He init draw can diverge where another
@@ -227,7 +228,7 @@ def _fit(keras, model, plan: _Plan, weights: dict, x, y, epochs: int, batch_size
         cfg.update(plan.optimizer)
     clone.compile(optimizer=type(model.optimizer).from_config(cfg), loss=model.loss)
     recorder = _BatchLoss(keras, sizes, progress)
-    cb = gradwatch.KerasCallback(reporters=[])
+    cb = KerasCallback(reporters=[])
     clone.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0, callbacks=[cb, recorder])
     losses = tuple(recorder.losses)
     return TrialRun(fix=None, losses=losses, final_loss=final_loss(losses), report=cb.report())

@@ -10,7 +10,6 @@ reported as not applicable, with the reason.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,7 +283,3 @@ def batch_iterator(batches: Iterable | Callable[[], Any]):
 def _names(names) -> str:
     names = list(names)
     return ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)
