@@ -142,7 +142,8 @@ def test_the_table_reaches_an_active_wandb_run(tmp_path):
     run = wandb.init(project="gradwatch-tests", mode="offline", dir=tmp_path)
     try:
         torch.manual_seed(0)
-        result = gradwatch.trial(sigmoid_mlp, batches(), F.mse_loss, sgd(0.05), steps=60, fixes=["relu"])
+        result = gradwatch.trial(sigmoid_mlp, batches(), F.mse_loss, sgd(0.05), steps=60, fixes=["relu"],
+                                 wandb_run=run)
         run.log({"user/metric": 1.0})
     finally:
         run.finish()

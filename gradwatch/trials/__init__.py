@@ -47,6 +47,7 @@ def trial(model_or_factory: Any, *args: Any, **kwargs: Any) -> TrialReport:
         fixes: Fix names to try (as in :attr:`Recommendation.fix`) instead of the baseline's top
             recommendations. Defaults to ``None``.
         top: How many of the baseline's recommendations to try. Defaults to ``3``.
+        wandb_run: The W&B run to log the table to. Defaults to the active ``wandb.run``, if any.
 
     Returns:
         A :class:`TrialReport`: ``.baseline``, ``.runs`` (one per fix, in order), ``.best`` (the cured run with the
@@ -108,7 +109,8 @@ class _RandomState:
 
 
 def trial_torch(make_model: Any, batches: Any = None, loss_fn: Any = None, make_optimizer: Any = None, *,
-                steps: int = 200, fixes: Sequence[str] | None = None, top: int = 3) -> TrialReport:
+                steps: int = 200, fixes: Sequence[str] | None = None, top: int = 3,
+                wandb_run: Any = None) -> TrialReport:
     import torch
 
     from gradwatch.trials import torch as fixes_torch
@@ -176,7 +178,7 @@ def trial_torch(make_model: Any, batches: Any = None, loss_fn: Any = None, make_
     finally:
         progress.close()
         start.restore()
-    return finish("torch", steps, baseline, runs)
+    return finish("torch", steps, baseline, runs, wandb_run)
 
 
 def _order(model, batch) -> list[str]:

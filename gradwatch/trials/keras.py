@@ -43,7 +43,7 @@ class _Plan:
 
 
 def trial_keras(model: Any, x: Any = None, y: Any = None, *, epochs: int = 1, batch_size: int = 32,
-                fixes: Any = None, top: int = 3):
+                fixes: Any = None, top: int = 3, wandb_run: Any = None):
     import keras
 
     from gradwatch.trials.result import health_kinds
@@ -87,7 +87,7 @@ def trial_keras(model: Any, x: Any = None, y: Any = None, *, epochs: int = 1, ba
         progress.close()
         random.setstate(saved[0])
         np.random.set_state(saved[1])
-    return finish("keras", steps, baseline, runs)
+    return finish("keras", steps, baseline, runs, wandb_run)
 
 
 def _plan(keras, model, rec: Recommendation) -> _Plan:

@@ -48,7 +48,7 @@ def candidates(report: Report, fixes: tuple[str, ...] | None, top: int) -> list[
             for fix in fixes]
 
 
-def finish(framework: str, steps: int, baseline: TrialRun, runs: list[TrialRun]) -> TrialReport:
+def finish(framework: str, steps: int, baseline: TrialRun, runs: list[TrialRun], wandb_run: Any = None) -> TrialReport:
     kinds = health_kinds(baseline.report)
     if not kinds:
         message = (f"The model as given is healthy: no vanishing, exploding or non-finite gradients in {steps} "
@@ -65,7 +65,7 @@ def finish(framework: str, steps: int, baseline: TrialRun, runs: list[TrialRun])
         else:
             message = f"The baseline shows {found}, and gradwatch had no recommendation to try."
     result = TrialReport(framework=framework, steps=steps, baseline=baseline, runs=tuple(runs), message=message)
-    _show(result)
+    _show(result, wandb_run)
     return result
 
 
@@ -73,18 +73,20 @@ def _loss(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else "divergence"
 
 
-def _show(result: TrialReport) -> None:
+def _show(result: TrialReport, run: Any = None) -> None:
     """On a terminal, the table; with an active W&B run, the table in its summary and logged."""
     from rich.console import Console
 
     console = Console(stderr=False)
     if console.is_terminal:
         console.print(result)
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
+    if run is None:
+        wandb = sys.modules.get("wandb")
+        run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
         table = result.wandb_table()
-        wandb.run.summary["gradwatch/trial"] = table  # the run page shows it whatever the user logs next
-        wandb.run.log({"gradwatch/trial": table}, commit=False)  # and it rides on the user's next row
+        run.summary["gradwatch/trial"] = table  # the run page shows it whatever the user logs next
+        run.log({"gradwatch/trial": table}, commit=False)  # and it rides on the user's next row
 
 
 class Progress:
