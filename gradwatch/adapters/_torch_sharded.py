@@ -47,7 +47,7 @@ class ShardPlan:
 
     Args:
         groups: The sharded parameters grouped by mesh and sharded dimensions (usually one group).
-        empty: Parameters whose local shard on this rank is empty (max |g| of nothing is 0 here).
+        empty: Parameters whose local shard on this rank is empty (FSDP1 gives them stand-ins).
         stand_ins: FSDP1: for parameters with nothing on this rank (no gradient there), an empty gradient that
             stands in for it, so every rank contributes to every column.
     """
@@ -106,13 +106,6 @@ class ShardPlan:
         plan = cls(groups=(_Group(columns=cols, groups=(group,), sizes=(dist.get_world_size(group),)),),
                    empty=empty, stand_ins=stand_ins)
         return plan, shapes
-
-    def max_inputs(self, tensors: list[torch.Tensor], present: Sequence[int]) -> list[torch.Tensor]:
-        """``tensors`` (the local shards of the parameters ``present``) with empty shards replaced by one zero,
-        since the infinity norm of an empty tensor is undefined."""
-        if not self.empty:
-            return tensors
-        return [t.new_zeros(1) if i in self.empty else t for t, i in zip(tensors, present)]
 
     def reduce(self, row: torch.Tensor) -> torch.Tensor:
         """A local ``(5, P)`` row (squares in the norm columns) -> the global row (norms), on every rank. Plain
