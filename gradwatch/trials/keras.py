@@ -5,6 +5,7 @@ silent :class:`~gradwatch.KerasCallback`. The user's model is never fitted or ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -207,8 +208,7 @@ def _fit(keras, model, plan: _Plan, weights: dict, x, y, epochs: int, batch_size
     # does not: measured on JAX).
     keras.utils.set_random_seed(SEED)
     # The change dicts are consumed while cloning: build from copies.
-    plan = _Plan(plan.change, {k: dict(v) for k, v in plan.configs.items()}, plan.classes, plan.norm_after,
-                 plan.norm, plan.fresh, plan.optimizer, plan.forget_bias)
+    plan = dataclasses.replace(plan, configs={k: dict(v) for k, v in plan.configs.items()})
     clone = _build(keras, model, plan)
     for layer in clone.layers:
         old = weights.get(layer.name)
