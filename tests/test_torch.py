@@ -6,6 +6,7 @@ import io
 import re
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", exc_type=ModuleNotFoundError)
@@ -263,6 +264,108 @@ def test_frozen_and_missing_gradients():
     assert report.layer("body.0").status == "frozen"
     assert report.layer("unused").status == "no_grad"
     assert report.healthy
+
+
+class _EveryTensorKind(nn.Module):
+    """Every case the CPU measurement treats apart: large tensors (measured in place), many small ones of one shape
+    (packed into a buffer), a 0-d scale, an empty parameter, a branch used on odd steps only (two patterns of
+    missing gradients) and a frozen layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Linear(64, 256)  # a 16K-element weight: measured where it is
+        self.proj = nn.Linear(256, 16)
+        self.small = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))  # packed: six 16x16 weights, 16 biases
+        self.side = nn.Linear(16, 16)
+        self.frozen = nn.Linear(16, 16).requires_grad_(False)
+        self.head = nn.Linear(16, 1)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.proj(torch.relu(self.big(x))))
+        for layer in self.small:
+            h = h + torch.tanh(layer(h))
+        if self.calls % 2:
+            h = h + self.side(h)
+        return self.head(self.frozen(h)) * self.scale + self.empty.sum()
+
+
+def _reference_figures(model, opt):
+    """Per step, per parameter name: ||g||, max|g|, and ||w|| and ||w_new - w|| of that step, measured by hooks
+    registered before gradwatch's (so they see the same tensors), with plain per-tensor torch ops."""
+    figures, before = [], {}
+
+    def pre(*_):
+        row = {}
+        for name, p in model.named_parameters():
+            g = p.grad
+            row[name] = [float(g.norm()), float(g.abs().max()) if g.numel() else 0.0] if g is not None else None
+            before[name] = p.detach().clone()
+        figures.append(row)
+
+    def post(*_):
+        for name, p in model.named_parameters():
+            if figures[-1][name] is not None:
+                figures[-1][name] += [float(before[name].norm()), float((p.detach() - before[name]).norm())]
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return figures
+
+
+def test_figures_equal_plain_torch_on_every_kind_of_tensor():
+    seed(0)
+    model = _EveryTensorKind()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    reference = _reference_figures(model, opt)
+    gw = gradwatch.attach(model, opt, reporters=[], update_every=3)
+    train(model, opt, tabular(d=64), 12)
+    gw.detach()
+    hist, names = gw.history, gw.adapter.table.param_names
+    assert list(hist.steps) == list(range(1, 13))
+    values = hist.values
+    measured_detail = 0
+    for r, row in enumerate(reference):
+        for j, name in enumerate(names):
+            got = values[r, j]
+            if row[name] is None:  # frozen, or the side branch on an even step: no gradient, no figure
+                assert np.isnan(got).all(), (r + 1, name, got)
+                continue
+            np.testing.assert_allclose(got[0], row[name][0], rtol=1e-5, atol=1e-12, err_msg=f"{name} step {r + 1}")
+            detail = r in (0, 3, 6, 9)  # collected steps 1, 4, 7, 10 with update_every=3
+            assert np.isnan(got[1:]).all() != detail, (r + 1, name, got)
+            if detail:
+                measured_detail += 1
+                np.testing.assert_allclose(got[[1, 3, 4]], np.asarray(row[name])[[1, 2, 3]], rtol=1e-5, atol=1e-12,
+                                           err_msg=f"{name} step {r + 1}")
+                assert got[2] == 0
+    assert measured_detail > 40
+    assert "side.weight" in names and np.isnan(values[1, names.index("side.weight"), 0])  # step 2: side unused
+
+
+def test_nonfinite_values_are_counted_exactly_in_packed_and_large_tensors():
+    seed(0)
+    model = _EveryTensorKind()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def poison(*_):
+        if gw.step == 3:  # the 4th step, a detail step with update_every=3
+            model.small[2].weight.grad[0, :3] = float("nan")  # a packed tensor: 3 NaN
+            model.small[2].weight.grad[1, 0] = float("inf")   # and an inf
+            model.big.weight.grad[5, 7] = float("-inf")       # a large one: 1
+
+    opt.register_step_pre_hook(poison)
+    gw = gradwatch.attach(model, opt, reporters=[], update_every=3)
+    train(model, opt, tabular(d=64), 4)
+    gw.detach()
+    names, row = gw.adapter.table.param_names, gw.history.values[3]
+    counts = {name: row[j, 2] for j, name in enumerate(names) if not np.isnan(row[j, 2])}
+    assert counts.pop("small.2.weight") == 4 and counts.pop("big.weight") == 1
+    assert set(counts.values()) == {0.0}, counts
+    assert np.isnan(row[names.index("small.2.weight"), 0]) and np.isinf(row[names.index("big.weight"), 0])
 
 
 def test_tied_parameters_are_counted_once():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
+from gradwatch.adapters._torch_packed import Layout, Packed, count_nonfinite, sum_of_squares
 from gradwatch.adapters._torch_sharded import ShardPlan, local, squared_norms
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
@@ -55,8 +56,9 @@ __all__ = ["TorchAdapter", "unwrap_optimizer"]
 _SIGMOID_SAT = math.log((1 - SATURATION_MARGIN) / SATURATION_MARGIN)
 _TANH_SAT = math.atanh(1 - SATURATION_MARGIN)
 
-# Gradients of at least this many elements (1 MiB in fp32) are measured in backward, while in cache (CPU only).
-_HOT_NUMEL = 1 << 18
+# Layouts kept (one per pattern of missing gradients, and per set of snapshotted weights); past that, tensors are
+# measured one by one, with no packing buffers.
+_LAYOUTS = 16
 
 _COMPILED_NOTE = ("torch.compile'd model: layer order is registration order and activations are not sampled "
                   "(hooks inside a compiled graph would force graph breaks and recompiles); gradients and updates "
@@ -176,22 +178,19 @@ class TorchAdapter(Adapter):
         self._scratch: dict[int, torch.Tensor] = {}
         self._empty: frozenset[int] = frozenset()
         self._zero1: torch.Tensor | None = None
-        self._hot_handles: list[Any] = []
-        self._hot: dict[int, tuple[Any, int, torch.Tensor]] = {}  # param -> (its grad, that grad's version, L2)
-        self._hot_stale = 0
-        self._hot_snap: dict[int, tuple] = {}  # param -> (its scratch buffer holding a snapshot from backward, norm)
-        self._prev_norms: dict[int, torch.Tensor] = {}
+        self._layouts: dict[bytes, Layout] = {}
         self._loss_now: torch.Tensor | None = None
         self._has_row = False  # this step's gradient columns were written into the ring
         self._dirty = False  # this step's slot of the ring holds something
         self._given = False  # this step's gradients were handed in by collect_gradients()
         self._closure_step = False  # this step runs optimizer.step(closure): gradients exist only after it
-        self._prev: list[torch.Tensor] | None = None
+        self._prev: Packed | list[torch.Tensor] | None = None  # the weight snapshot (a list when sharded)
         self._prev_idx: list[int] | None = None
         self._bwd_queued = False
         self._act_rows: list[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = []
         self._act_handles: list[Any] = []
         self._act_current: tuple[dict, dict] | None = None
+        self._act_plan: list[tuple[nn.Module, Any, Any]] | None = None
         self._notes: list[str] = []
         self._device: torch.device | None = None
         self._index_cache: dict[bytes, torch.Tensor] = {}
@@ -261,21 +260,18 @@ class TorchAdapter(Adapter):
         if self.activation_every and not self.compiled:
             # Recurrent layers are measured from the very first step: an explosion through time can wreck
             # the weights in one update, before any later sample would see it.
-            grads: dict[Any, torch.Tensor] = {}
             for name, module in self.root.named_modules():
                 if isinstance(module, nn.RNNBase):
                     self._act_handles.append(module.register_forward_pre_hook(
-                        self._module_hook(self._rnn_pre(name, grads, module), "rnn_time")))
+                        self._module_hook(self._rnn_pre(name, module), "rnn_time")))
             if self._act_handles:
-                self._act_current = ({}, grads)
+                self._act_current = ({}, {})
 
     def detach(self) -> None:
         self.active = False
-        for h in self._handles + self._act_handles + self._order_handles + self._hot_handles:
+        for h in self._handles + self._act_handles + self._order_handles:
             h.remove()
         self._handles.clear()
-        self._hot_handles.clear()
-        self._hot = {}
         self._act_handles.clear()
         for obj, name in self._restore:
             if getattr(obj.__dict__.get(name), "__gradwatch__", False):
@@ -283,6 +279,8 @@ class TorchAdapter(Adapter):
         self._restore.clear()
         self._prev = None
         self._scratch.clear()
+        self._layouts.clear()
+        self._act_plan = None
 
     # -- layer order and table -----------------------------------------------------------------------------
 
@@ -357,7 +355,6 @@ class TorchAdapter(Adapter):
         if self._sparse:
             self._notes.append("Sparse-gradient embeddings are not measured: "
                                + ", ".join(pnames[i] for i in sorted(self._sparse)) + ".")
-        self._install_hot()
         self._feeders: dict[str, str] = {}
         try:
             self._structure, self._feeders = read_structure(self.root, order, self._order)
@@ -399,58 +396,6 @@ class TorchAdapter(Adapter):
             self._notes.append("FSDP1 (use_orig_params=True): figures are global, summed over the shards once "
                                "per measured step.")
         return shapes
-
-    def _install_hot(self) -> None:
-        """On CPU, measure each large gradient the moment backward has accumulated it, while it (and its weight,
-        just read by the layer's backward) is still in cache: the L2 norm every measured step and, on update-ratio
-        steps, max |g|, the non-finite count and the weight snapshot. Measured with tests/benchmarks/torch_cost.py
-        (20x512 tanh MLP, SGD): gradwatch at its defaults +11% with these hooks against +15% without; the L2 norm
-        alone costs about what the one later pass does. Below ``_HOT_NUMEL`` elements the per-hook overhead
-        outweighs the cache (an LSTM with 64K-element weights: +5% with hooks, +1% without), so small gradients,
-        and GPUs, where one fused kernel reads them all, keep the one ``_foreach_norm`` pass. A hot figure is used
-        only if the gradient is still the same tensor at the same version when the step reads it; clipping,
-        loss-scale unscaling or a further accumulation after the last backward change it in place, and that
-        parameter is measured again in the later pass."""
-        if (self._device.type != "cpu" or self.compiled or self._shard is not None or self.scaler is not None
-                or not hasattr(torch.Tensor, "register_post_accumulate_grad_hook")):
-            return
-        for i, p in enumerate(self._params):
-            if i not in self._sparse and p.requires_grad and p.numel() >= _HOT_NUMEL:
-                self._hot_handles.append(p.register_post_accumulate_grad_hook(self._hook(self._hot_hook(i),
-                                                                                         "grad_hot")))
-
-    def _hot_hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if not (self.active and self._due()):
-                return
-            g = p.grad
-            l2 = torch.linalg.vector_norm(g, dtype=torch.float32)
-            mx = nf = None
-            if self._detail_due():
-                lo, hi = torch.aminmax(g)
-                mx = torch.maximum(hi.abs(), lo.abs()).float()
-                nf = _count_nonfinite(g, l2)
-                if self.optimizer is not None and self.scaler is None:
-                    # The weights were just read by this layer's backward: snapshot them while in cache.
-                    buf = self._scratch_for([p], [i])[0]
-                    with torch.no_grad():
-                        buf.copy_(p)
-                    self._hot_snap[i] = (buf, torch.linalg.vector_norm(buf, dtype=torch.float32))
-            self._hot[i] = (weakref.ref(g), g._version, l2, mx, nf)
-        return hook
-
-    def _hot_fresh(self, grads: list[torch.Tensor | None]) -> dict[int, tuple]:
-        """The hot figures still valid: the parameter's gradient is the tensor the hook saw, at the same version.
-        Hot norms stale on three measured steps in a row (a user who clips every step) stop being taken."""
-        hot, self._hot = self._hot, {}
-        fresh = {i: h for i, h in hot.items() if h[0]() is grads[i] and grads[i]._version == h[1]}
-        if self._hot_handles:
-            self._hot_stale = 0 if fresh or not hot else self._hot_stale + 1
-            if self._hot_stale >= 3:
-                for h in self._hot_handles:
-                    h.remove()
-                self._hot_handles.clear()
-        return fresh
 
     def _watch_overflow(self) -> None:
         """Every step, for each layer feeding an unbounded activation (``torch.exp``): whether its output passed the
@@ -512,14 +457,25 @@ class TorchAdapter(Adapter):
             out.append(b)
         return out
 
+    def _layout(self, key: bytes, tensors: list[torch.Tensor]) -> Layout:
+        """How these tensors are measured (:mod:`._torch_packed`), made once per ``key``: the pattern of gradients
+        present, or the set of weights snapshotted. A model whose pattern keeps changing (more than ``_LAYOUTS``)
+        gets its tensors measured one by one, with no packing buffers."""
+        layout = self._layouts.get(key)
+        if layout is None:
+            cached = len(self._layouts) < _LAYOUTS
+            layout = Layout(tensors, self._device, grouped=cached)
+            if cached:
+                self._layouts[key] = layout
+        return layout
+
     def _grad_stats(self, detail: bool) -> None:
         """Write this step's gradient columns into the row ring: L2 norm, max |g|, non-finite count; NaN where
         no gradient.
 
         The L2 norm is taken on every collected step, and an inf/NaN norm already says a gradient is non-finite.
         Max |g| and the exact count of non-finite values are taken on ``detail`` steps only (those that measure the
-        update ratio), NaN otherwise. Large CPU gradients come measured from backward (:meth:`_install_hot`) where
-        still valid; the rest take one ``_foreach_norm`` pass and :meth:`_detail_cols`.
+        update ratio), NaN otherwise.
         """
         params = self._params
         grads = [p.grad for p in params]
@@ -536,44 +492,32 @@ class TorchAdapter(Adapter):
                 return  # the slot stays NaN
         else:
             present, missing = grads, None
-        shard = self._shard
-        if shard is not None:  # local shards; the L2 column holds sums of squares until ShardPlan.reduce
+        if self._shard is not None:  # local shards; the L2 column holds sums of squares until ShardPlan.reduce
             present = [local(g) for g in present]
             l2 = squared_norms(present)
-            cols = self._detail_cols(present, at, l2) if detail else None
+            cols = self._foreach_detail(present, at, l2) if detail else None
         else:
-            fresh = self._hot_fresh(grads) if self._hot else {}
-            if fresh:
-                idx = list(at if at is not None else range(len(present)))
-                cold_k = [k for k, i in enumerate(idx) if i not in fresh or (detail and fresh[i][3] is None)]
-            else:
-                cold_k = range(len(present))
-            cold = [present[k] for k in cold_k] if fresh else present
-            if cold:
-                cl2 = torch.stack(torch._foreach_norm(cold, 2, dtype=torch.float32))
-                cold_cols = self._detail_cols(cold, [idx[k] for k in cold_k] if fresh else at, cl2) \
-                    if detail else None
-            if not fresh:
-                l2, cols = cl2, cold_cols
-            else:
-                hot = {k: fresh[i] for k, i in enumerate(idx) if i in fresh}
-                slot = {k: j for j, k in enumerate(cold_k)}
-                l2 = torch.stack([cl2[slot[k]] if k in slot else hot[k][2] for k in range(len(idx))])
-                cols = None
-                if detail:
-                    cols = [torch.stack([cold_cols[c][slot[k]] if k in slot else hot[k][3 + c]
-                                         for k in range(len(idx))]) for c in (0, 1)]
+            packed = self._layout(bytes(missing) if missing else b"", present).pack(present, "grad")
+            l2 = packed.norms()
+            cols = None
+            if detail:
+                if packed.layout.cpu:  # reading a CPU value costs no sync: count only where a norm is not finite
+                    mx = packed.maxima()
+                    finite = bool(torch.isfinite(l2).all())
+                    cols = mx, torch.zeros_like(mx) if finite else count_nonfinite(present, l2)
+                else:
+                    cols = self._foreach_detail(present, at, l2)
         if not detail:
             self._put(slice(0, 1), missing, l2.to(self._device).unsqueeze(0))
             return
         self._put(slice(0, 3), missing, torch.stack([l2, *cols]).to(self._device))
 
-    def _detail_cols(self, present: list[torch.Tensor], at: list[int] | None,
-                     l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Max |g| and the non-finite count of each tensor. On a GPU: |g| copied into the preallocated scratch
-        buffers, its max (NaN propagates), then ``|g| * 0`` (0 where finite, NaN where not) counted by a 0-"norm",
-        all without a sync. On CPU, where reading a value costs no sync, the count pass runs only when an L2 norm
-        is not finite (a finite L2 norm means every value is finite)."""
+    def _foreach_detail(self, present: list[torch.Tensor], at: list[int] | None,
+                        l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max |g| and the non-finite count of each tensor with fused ``_foreach`` kernels (GPU, sharded): |g| copied
+        into the preallocated scratch buffers, its max (NaN propagates), then ``|g| * 0`` (0 where finite, NaN where
+        not) counted by a 0-"norm", all without a sync. On CPU the count pass runs only when ``l2`` (norms, or sums
+        of squares) is not finite."""
         f32 = torch.float32
         on_cpu = self._device.type == "cpu"
         if not on_cpu and self._prev is None:  # the scratch is free (not holding a weight snapshot)
@@ -596,6 +540,7 @@ class TorchAdapter(Adapter):
         return self._collected % self.update_every == 0
 
     def _snapshot_params(self, before_backward: bool = False) -> None:
+        """Copy the weights about to be updated into preallocated buffers (packed like the gradients on CPU)."""
         params = self._params
         # Before a closure's backward no gradient exists yet: snapshot every trainable parameter, and keep those
         # that got a gradient when the update is measured.
@@ -606,26 +551,18 @@ class TorchAdapter(Adapter):
         if not idx:
             self._prev = None
             return
-        snap, self._hot_snap = self._hot_snap, {}
-        self._prev_norms = {i: n for i, (_, n) in snap.items()}
         now = [local(params[i]) for i in idx]
         with torch.no_grad():
-            self._prev = self._scratch_for(now, idx)
-            if snap:  # those taken in backward, while in cache, are done
-                todo = [k for k, i in enumerate(idx) if snap.get(i, (None,))[0] is not self._prev[k]]
-                if todo:
-                    torch._foreach_copy_([self._prev[k] for k in todo], [now[k] for k in todo])
-            else:
+            if self._shard is not None:
+                self._prev = self._scratch_for(now, idx)
                 torch._foreach_copy_(self._prev, now)
-
-    def _weight_norms(self, prev: list[torch.Tensor], idx: list[int]) -> torch.Tensor:
-        """``||w_old||`` per snapshot: those taken in backward came with their norm."""
-        known, self._prev_norms = self._prev_norms, {}
-        if not known:
-            return torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
-        todo = [k for k, i in enumerate(idx) if i not in known]
-        done = iter(torch._foreach_norm([prev[k] for k in todo], 2, dtype=torch.float32)) if todo else iter(())
-        return torch.stack([known[i] if i in known else next(done) for i in idx])
+                return
+            present = [False] * len(params)
+            for i in idx:
+                present[i] = True
+            layout = self._layout(b"w" + bytes(present), now)
+            store = self._scratch_for([now[k] for k in layout.solo], [idx[k] for k in layout.solo])
+            self._prev = layout.pack(now, "before", solo_store=store)
 
     def _update_stats(self) -> None:
         """Write this step's weight-norm and update-norm columns from the snapshot: ``||w_old||``, then the
@@ -635,29 +572,28 @@ class TorchAdapter(Adapter):
         params = self._params
         prev, idx = self._prev, self._prev_idx
         self._prev = None
-        if self._closure_step:
-            keep = [k for k, i in enumerate(idx) if params[i].grad is not None]
-            if len(keep) < len(idx):
-                prev, idx = [prev[k] for k in keep], [idx[k] for k in keep]
-                if not idx:
-                    return
         now = [local(params[i]) for i in idx]
         with torch.no_grad():
-            if self._shard is not None:  # sums of squares until ShardPlan.reduce
+            if isinstance(prev, Packed):
+                wn = prev.norms()
+                un = prev.sub_(prev.layout.pack(now, "after")).norms()
+            else:  # sharded: sums of squares until ShardPlan.reduce
                 wn = squared_norms(prev)
                 torch._foreach_sub_(prev, now)
                 un = squared_norms(prev)
-            else:
-                wn = self._weight_norms(prev, idx)
-                torch._foreach_sub_(prev, now)
-                un = torch.stack(torch._foreach_norm(prev, 2, dtype=torch.float32))
-        n = len(params)
+        # A closure step snapshots every trainable weight before its backward: only those that got a gradient count.
+        kept = [i for i in idx if params[i].grad is not None] if self._closure_step else idx
+        if not kept:
+            return
         missing = None
-        if len(idx) < n:
-            missing = [True] * n
-            for i in idx:
+        if len(kept) < len(params):
+            missing = [True] * len(params)
+            for i in kept:
                 missing[i] = False
-        self._put(slice(3, 5), missing, torch.stack([wn, un]).to(self._device))
+        vals = torch.stack([wn, un])
+        if len(kept) < len(idx):
+            vals = vals[:, [k for k, i in enumerate(idx) if params[i].grad is not None]]
+        self._put(slice(3, 5), missing, vals.to(self._device))
 
     def collect_gradients(self) -> None:
         """Read the gradients now, for the step in progress: what a training framework's "before the optimizer
@@ -754,66 +690,91 @@ class TorchAdapter(Adapter):
     # -- activation sampling -------------------------------------------------------------------------------
 
     def _begin_activation_sample(self) -> None:
-        """Hook the next forward pass: per layer, the output feeding its activation, and RNN inputs."""
+        """Hook the next forward pass: per layer, the output feeding its activation, and RNN inputs. The hooks are
+        made once (:meth:`_activation_plan`); a sample only registers them, and its end removes them."""
         if self._structure is None or self._act_handles:
             return
-        sat: dict[int, torch.Tensor] = {}
-        grads: dict[int, torch.Tensor] = {}
-        self._act_current = (sat, grads)
-        modules = dict(self.root.named_modules())
-        for li, info in enumerate(self._structure.layers):
-            feeder = modules.get(self._feeders.get(info.name, info.name))
-            if feeder is None:
-                continue
-            if info.kind == "recurrent" and isinstance(feeder, nn.RNNBase):
-                self._act_handles.append(feeder.register_forward_pre_hook(
-                    self._module_hook(self._rnn_pre(info.name, grads, feeder), "rnn_time")))
-            act = info.activation
-            self._act_handles.append(feeder.register_forward_hook(
-                self._module_hook(self._act_hook(li, act, sat), "activations")))
+        self._act_current = ({}, {})
+        for module, pre, hook in self._activation_plan():
+            if pre is not None:
+                self._act_handles.append(module.register_forward_pre_hook(pre))
+            self._act_handles.append(module.register_forward_hook(hook))
 
-    def _act_hook(self, li: int, act: str | None, out: dict):
+    def _activation_plan(self) -> list[tuple[nn.Module, Any, Any]]:
+        """Per sampled module: the module, its forward pre-hook (a recurrent layer's time probe, else ``None``) and
+        its forward hook (the figures of the output feeding the layer's activation)."""
+        if self._act_plan is None:
+            modules = dict(self.root.named_modules())
+            plan = []
+            for li, info in enumerate(self._structure.layers):
+                feeder = modules.get(self._feeders.get(info.name, info.name))
+                if feeder is None:
+                    continue
+                pre = None
+                if info.kind == "recurrent" and isinstance(feeder, nn.RNNBase):
+                    pre = self._module_hook(self._rnn_pre(info.name, feeder), "rnn_time")
+                plan.append((feeder, pre, self._module_hook(self._act_hook(li, info.activation), "activations")))
+            self._act_plan = plan
+        return self._act_plan
+
+    def _act_hook(self, li: int, act: str | None):
+        cut = {"sigmoid": _SIGMOID_SAT, "tanh": _TANH_SAT}.get(act or "")
+        relu = act in ("relu", "relu6")
+
         def hook(module, args, output):
-            if li in out:
+            current = self._act_current
+            if current is None or li in current[0]:
                 return
             x = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
                 return
             with torch.no_grad():
-                x = x.detach().float()
-                nan = torch.full((), float("nan"), device=x.device)  # a fill: no host copy
-                rms = x.pow(2).mean().sqrt()
-                nonfinite = (~torch.isfinite(x)).sum().float()
-                if act == "sigmoid":
-                    sat = (x.abs() > _SIGMOID_SAT).float().mean()
-                elif act == "tanh":
-                    sat = (x.abs() > _TANH_SAT).float().mean()
-                else:
-                    sat = nan
-                if act in ("relu", "relu6") and x.dim() >= 2:
-                    units = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 and not isinstance(
-                        module, (nn.Linear, nn.RNNBase)) else x.reshape(-1, x.shape[-1]).t()
-                    dead = self._dead_fraction(li, (units > 0).any(dim=1))
-                else:
-                    dead = nan
-                out[li] = torch.stack([sat, dead, rms, nonfinite]).to(self._device)
+                current[0][li] = self._act_figures(module, x.detach(), li, cut, relu)
         return hook
 
-    def _dead_fraction(self, li: int, alive: torch.Tensor) -> torch.Tensor:
+    def _act_figures(self, module: nn.Module, x: torch.Tensor, li: int, cut: float | None,
+                     relu: bool) -> torch.Tensor:
+        """``[saturation, dead, rms, non-finite count]`` of one layer's output (NaN where not measured), on the
+        model's device. On CPU, where reading a value costs no sync, the RMS comes from one ``dot`` and the
+        non-finite values are counted only when it is not finite; on a GPU every figure stays a tensor."""
+        n = x.numel()
+        sq = sum_of_squares(x)
+        sat = torch.count_nonzero(x.abs() > cut) / n if cut is not None else None
+        dead = None
+        if relu and x.dim() >= 2:
+            units = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 and not isinstance(
+                module, (nn.Linear, nn.RNNBase)) else x.reshape(-1, x.shape[-1]).t()
+            dead = self._dead_fraction(li, (units > 0).any(dim=1))
+        if x.device.type == "cpu":
+            total = float(sq)
+            nonfinite = 0.0 if math.isfinite(total) else float(torch.count_nonzero(x - x))
+            return torch.tensor([math.nan if sat is None else float(sat), math.nan if dead is None else float(dead),
+                                 math.sqrt(total / n), nonfinite], device=self._device)
+        nan = torch.full((), float("nan"), device=x.device)  # a fill: no host copy
+        rms = (sq / n).sqrt()
+        nonfinite = (~torch.isfinite(x)).sum().float()
+        figures = [nan if sat is None else sat.float(), nan if dead is None else dead, rms, nonfinite]
+        return torch.stack(figures).to(self._device)
+
+    def _dead_fraction(self, li: int, alive: torch.Tensor) -> torch.Tensor | None:
         """The share of units that fired on no input of the last DEAD_UNIT_SAMPLES sampled batches (on device;
-        NaN until that many were sampled)."""
+        ``None`` until that many were sampled)."""
         seen = self._alive.setdefault(li, deque(maxlen=DEAD_UNIT_SAMPLES))
         if seen and seen[-1].shape != alive.shape:
             seen.clear()
         seen.append(alive)
         if len(seen) < DEAD_UNIT_SAMPLES:
-            return torch.full((), float("nan"), device=alive.device)
+            return None
         return (~torch.stack(list(seen)).any(dim=0)).float().mean()
 
-    def _rnn_pre(self, key: str, grads: dict, module: nn.RNNBase):
+    def _rnn_pre(self, key: str, module: nn.RNNBase):
         batch_first = bool(getattr(module, "batch_first", False))
 
         def pre(mod, args):
+            current = self._act_current
+            if current is None:
+                return None
+            grads = current[1]
             if key in grads or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
                 return None
             if not torch.is_grad_enabled():
