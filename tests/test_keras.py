@@ -259,6 +259,21 @@ def test_huge_learning_rate_goes_nonfinite_with_its_origin():
     assert "learning_rate" in report.recommendations[0].snippet
 
 
+def test_nan_gradient_between_detail_steps_is_found_at_its_step_and_counted():
+    # Max |g| and the non-finite count are taken every update_every collected steps; a step whose gradient norm is
+    # not finite is counted at once. A NaN input row at step 5 (batch 5 of the first epoch) makes every gradient NaN.
+    x, y = data()
+    x[4 * 64] = np.nan
+    model = mlp("tanh", depth=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    cb = gradwatch.KerasCallback(reporters=[])
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    (f,) = cb.report().findings_of("nonfinite")
+    assert f.step == 5 and f.severity == "critical"
+    n_weights = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert f.evidence["nonfinite_values"] == n_weights  # counted exactly, though step 5 is no detail step
+
+
 def test_small_cnn_with_batch_norm_is_healthy():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 16, 16, 3)).astype("float32")

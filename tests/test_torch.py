@@ -368,6 +368,25 @@ def test_nonfinite_values_are_counted_exactly_in_packed_and_large_tensors():
     assert np.isnan(row[names.index("small.2.weight"), 0]) and np.isinf(row[names.index("big.weight"), 0])
 
 
+def test_nan_gradient_between_detail_steps_is_found_at_its_step_and_counted():
+    # Max |g| and the count are taken every update_every collected steps; on CPU a step whose gradient norm is not
+    # finite is counted at once (a NaN norm must not read as "no gradient").
+    seed(0)
+    model = mlp(4, act=nn.Tanh, init="xavier")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def poison(*_):
+        if gw.step == 4:  # the 5th step; detail steps are 1, 11, 21 ...
+            model[2].weight.grad[0, :2] = float("nan")
+
+    opt.register_step_pre_hook(poison)
+    gw = gradwatch.attach(model, opt, reporters=[])
+    train(model, opt, tabular(), 8)
+    gw.detach()
+    (f,) = gw.report().findings_of("nonfinite")
+    assert f.step == 5 and f.evidence["nonfinite_values"] == 2 and f.evidence["origin_layer"] == "2"
+
+
 def test_tied_parameters_are_counted_once():
     seed(0)
     emb = nn.Embedding(50, 16)

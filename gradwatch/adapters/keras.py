@@ -278,52 +278,62 @@ class KerasAdapter(Adapter):
             stat_grads = [None] * len(grads)
             for k, g in zip(present, summed):
                 stat_grads[k] = g
-        p = self._table.n_params
         step_id = self._total + (0 if self._outer is not None else 1)  # the outer apply counted this step already
         collect = tf.equal((step_id - 1) % self.every, 0)  # steps 1, 1 + every, ... as in the PyTorch adapter
-
-        def grad_rows():
-            nan3 = tf.fill([3], float("nan"))
-            cols: list[Any] = [nan3] * p
-            for g, i in zip(stat_grads, pos):
-                if i is None or g is None:
-                    continue
-                if isinstance(g, tf.IndexedSlices):
-                    g = g.values
-                g = tf.cast(g, tf.float32)
-                cols[i] = tf.stack([tf.norm(tf.reshape(g, [-1])), tf.reduce_max(tf.abs(g)),
-                                    tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))])
-            return tf.stack(cols)
-
-        no_rows = lambda: tf.fill([p, 3], float("nan"))  # noqa: E731
-        rows = tf.cond(collect, grad_rows, no_rows) if self.every > 1 else grad_rows()
-        # Update ratios every `update_every` collected steps: the weight copy and both norms run only on those
-        # steps. (The copy's placeholder on other steps keeps the weight's shape: XLA wants both branches alike.)
+        # Max |g|, the non-finite count and the update ratio every `update_every` collected steps, as on PyTorch (an
+        # inf/NaN gradient already shows in its L2 norm on every step).
         measure = tf.logical_and(collect, tf.equal(self._count % self.update_every, 0))
         watched = [(v, i) for v, i in zip(variables, pos) if i is not None]
-        before = [tf.cond(measure, lambda v=v: tf.identity(tf.cast(v, tf.float32)),
-                          lambda v=v: tf.zeros(tf.shape(v), tf.float32)) for v, _ in watched]
-        return step_id, collect, rows, measure, watched, before
+        have = [(_dense32(g), i) for g, i in zip(stat_grads, pos) if i is not None and g is not None]
+        nan = float("nan")
+        k = len(have)
 
-    def _record(self, step_id, collect, rows, measure, watched, before) -> None:
+        def l2():  # one op per gradient: L2Loss is sum(g^2) / 2. A NaN norm is a gradient that is there and not
+            # finite (NaN marks "no gradient" in a row): +inf.
+            if not have:
+                return tf.zeros([0])
+            norms = tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(g) for g, _ in have]))
+            return tf.where(tf.math.is_nan(norms), float("inf"), norms)
+
+        # On measure steps, one cond (a cond costs ~50-80 us a step, taken or not): max |g| and the non-finite count,
+        # and the weights before the update: a read, which the optimizer's assignment then copies (copy-on-write).
+        # Outside XLA the other branch gives a scalar per weight; XLA wants both branches of one shape.
+        weights = [v for v, _ in watched]
+        xla = bool(getattr(self.model, "jit_compile", False))
+
+        def detail():
+            maxima = [tf.stack([tf.reduce_max(tf.abs(g)), tf.reduce_sum(
+                tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))]) for g, _ in have]
+            return tf.stack(maxima) if have else tf.zeros([0, 2]), [tf.identity(tf.cast(v, tf.float32)) for v in
+                                                                    weights]
+
+        def no_detail():
+            return tf.fill([k, 2], nan), [tf.zeros(tf.shape(v) if xla else [], tf.float32) for v in weights]
+
+        norms = tf.cond(collect, l2, lambda: tf.fill([k], nan)) if self.every > 1 else l2()
+        # A step with a non-finite gradient is counted at once, whatever the schedule.
+        measure = tf.logical_or(measure, tf.logical_and(collect, tf.logical_not(tf.reduce_all(
+            tf.math.is_finite(norms)))))
+        details, before = tf.cond(measure, detail, no_detail)
+        grads_at = [i for _, i in have]
+        return step_id, collect, (norms, details, grads_at), measure, watched, list(before)
+
+    def _record(self, step_id, collect, stats, measure, watched, before) -> None:
         """In the traced step, after the update: update ratios on measure steps, and the step's row into the ring
         (into the spare row when the step is not collected)."""
         import tensorflow as tf
 
-        nan_t = tf.constant(float("nan"), tf.float32)
+        nan = float("nan")
         p = self._table.n_params
+        norms, details, grads_at = stats
 
-        def norms():
-            return tf.stack([tf.stack([tf.norm(tf.reshape(b, [-1])),
-                                       tf.norm(tf.reshape(tf.cast(v, tf.float32) - b, [-1]))])
+        def updates():
+            return tf.stack([tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(b), tf.nn.l2_loss(tf.cast(v, tf.float32) - b)]))
                              for (v, _), b in zip(watched, before)])
 
-        wcols: list[Any] = [tf.stack([nan_t, nan_t])] * p
-        if watched:
-            measured = tf.cond(measure, norms, lambda: tf.fill([len(watched), 2], nan_t))
-            for k, (_, i) in enumerate(watched):
-                wcols[i] = measured[k]
-        row = tf.concat([rows, tf.stack(wcols)], axis=1)
+        measured = tf.cond(measure, updates, lambda: tf.fill([len(watched), 2], nan)) if watched else None
+        row = _columns(tf.concat([norms[:, None], details], axis=1), grads_at, p, 3)
+        row = tf.concat([row, _columns(measured, [i for _, i in watched], p, 2)], axis=1)
         count = self._count
         slot = [[tf.where(collect, count % _RING, tf.constant(_RING, tf.int64))]]
         _write(self._acc, slot, [row])
@@ -362,25 +372,25 @@ class KerasAdapter(Adapter):
         def begin_sample():
             step = tf.cast(total.read_value(), tf.int64) + 1  # `total` counts the steps already finished
             sample = tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
-            slot = count.read_value() % _ACT_RING
-
-            def begin():
-                _write(ring, [[slot]], [tf.fill([n_layers, _ACT_COLS], nan)])
-                _write(steps, [[slot]], [step])
-                return tf.constant(True)
-
-            return tf.cond(sample, begin, lambda: tf.constant(False)), slot
+            return sample, count.read_value() % _ACT_RING, step
 
         begin_guarded = self.guard(begin_sample, "Keras train_step")
+
+        targets = len(self._act_targets)
+        write_all = self.guard(self._write_activations, "Keras activations")
 
         def train_step(*args, **kwargs):
             trace = begin_guarded()  # None when monitoring is off or the prologue failed
             # Per thread: MirroredStrategy traces each replica's step in a thread of its own.
-            adapter._local.trace = trace
+            local = adapter._local
+            local.trace, local.outputs, local.written = trace, {}, False
+            local.targets = targets
             try:
                 out = original_step(*args, **kwargs)
+                if trace is not None and adapter.active and not local.written:
+                    write_all(*trace, late=True)  # a watched layer did not run this step: the others' figures, now
             finally:
-                adapter._local.trace = None
+                local.trace, local.outputs = None, {}
             if trace is not None and adapter.active:
                 count.assign_add(tf.cast(trace[0], tf.int64))
             return out
@@ -419,40 +429,66 @@ class KerasAdapter(Adapter):
             return tf.cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
                            lambda: original(*args, **kwargs))
 
-        def record(out, sample, slot):
-            y = out[0] if isinstance(out, (list, tuple)) else out
-            if isinstance(y, tf.Tensor) and y.dtype.is_floating:
-                def write():
-                    _write(ring, [[slot, target.index, k] for k in range(4)], _activation_stats(y, target))
-                    return tf.constant(True)
-
-                tf.cond(sample, write, lambda: tf.constant(False))
-
-        probed, record = self.guard(probed, where), self.guard(record, where)
+        probed = self.guard(probed, where)
+        write_all = self.guard(self._write_activations, "Keras activations")
 
         def call(*args, **kwargs):
-            trace = getattr(adapter._local, "trace", None)
+            local = adapter._local
+            trace = getattr(local, "trace", None)
             if trace is None or not adapter.active:  # inference, evaluation, symbolic calls: untouched
                 return original(*args, **kwargs)
-            sample, slot = trace
+            sample, slot, step = trace
             out = None
             if target.time and args and isinstance(args[0], tf.Tensor) and args[0].shape.rank == 3:
                 out = probed(args, kwargs, sample, slot)  # None when it failed: the call goes on unprobed
             if out is None:
                 out = original(*args, **kwargs)
-            record(out, sample, slot)
+            y = out[0] if isinstance(out, (list, tuple)) else out
+            if isinstance(y, tf.Tensor) and y.dtype.is_floating and target.index not in local.outputs:
+                local.outputs[target.index] = (target, y)
+                if len(local.outputs) == local.targets and not local.written:
+                    write_all(sample, slot, step)  # the last watched layer of the forward pass
             return out
 
         call.__gradwatch__ = True  # type: ignore[attr-defined]
         return call
 
-    def uninstall(self) -> None:
+    def _write_activations(self, sample, slot, step, late: bool = False) -> None:
+        """In the traced step, once the watched layers have run: the one ``tf.cond`` of the activation sample. On
+        sampled steps it writes the slot's step and every layer's figures (NaN for those that did not run). Run in
+        the forward pass it also clears the slot's through-time columns, which the backward's probes then write;
+        ``late`` (after the backward, when a watched layer did not run) it leaves them."""
+        import tensorflow as tf
+
+        local = self._local
+        local.written = True
+        items = list(local.outputs.values())
+        ring, n_layers = self._act_ring, self._table.n_layers
+        cols = _TIME_IN if late else _ACT_COLS
+
+        def write():
+            block = tf.fill([n_layers, cols], float("nan"))
+            if items:
+                figures = tf.concat([_activation_stats(y, target) for target, y in items], axis=0)
+                block = tf.tensor_scatter_nd_update(block, [[t.index, k] for t, _ in items for k in range(4)],
+                                                    figures)
+            if late:
+                _write(ring, [[slot, li, c] for li in range(n_layers) for c in range(cols)], tf.reshape(block, [-1]))
+            else:
+                _write(ring, [[slot]], [block])
+            _write(self._act_steps, [[slot]], [step])
+            return tf.constant(True)
+
+        tf.cond(sample, write, lambda: tf.constant(False))
+
+    def uninstall(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove every instance-level wrapper gradwatch put on the model, its layers and optimizers (all but the
+        attributes named in ``keep``) and reset the cached train function."""
         removed = False
         for obj in self._wrapped:
-            for attr in ("apply", "train_step", "call"):
-                if getattr(obj.__dict__.get(attr), "__gradwatch__", False):
-                    del obj.__dict__[attr]
-                    removed = True
+            for attr in [a for a, f in obj.__dict__.items() if getattr(f, "__gradwatch__", False) and a not in keep]:
+                del obj.__dict__[attr]
+                removed = True
         if removed and getattr(self.model, "train_function", None) is not None:
             # A fresh, untraced train function without the wrappers. Not None: fit() calls train_function on
             # every step, and an internal error can detach gradwatch in the middle of a fit().
@@ -780,3 +816,22 @@ def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: boo
 def _is_param(v) -> bool:
     return len(v.shape) >= 1 and "moving" not in v.path and "seed" not in v.path
 
+
+def _dense32(g) -> Any:
+    """A gradient as a float32 tensor (an ``IndexedSlices``' values: the rows it holds)."""
+    import tensorflow as tf
+
+    if isinstance(g, tf.IndexedSlices):
+        g = g.values
+    return g if g.dtype == tf.float32 else tf.cast(g, tf.float32)
+
+
+def _columns(values, at: list[int], p: int, width: int) -> Any:
+    """``(len(at), width)`` figures as the ``(p, width)`` columns of a row: NaN for the parameters not in ``at``."""
+    import tensorflow as tf
+
+    if values is None or not at:
+        return tf.fill([p, width], float("nan"))
+    if at == list(range(p)):
+        return values
+    return tf.tensor_scatter_nd_update(tf.fill([p, width], float("nan")), [[i] for i in at], values)

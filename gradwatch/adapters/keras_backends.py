@@ -4,12 +4,14 @@ Both backends end a train step with the optimizer's ``apply`` (JAX: inside ``sta
 step; torch: eagerly, under ``no_grad``), so the same instance-level wrapper of ``apply`` sees the real
 gradients with no extra pass. What differs is where the figures go:
 
-- **JAX**: the wrapper is traced into the jitted step. A ``keras.Variable`` assigned there would be silently
-  dropped (only optimizer and model variables are threaded through the step), so each collected step's
-  ``(P, 5)`` row leaves the step through ``jax.debug.callback``, tagged with its step number (the optimizer's
-  ``iterations``), and waits on the host; a drain runs ``jax.effects_barrier()`` once. The weights before the
-  update are the step's inputs, so update ratios cost no copy. Under ``keras.distribution.DataParallel`` the
-  gradients are already global; each step is kept once.
+- **JAX**: the wrapper is traced into the jitted step. A free ``keras.Variable`` assigned there would be silently
+  dropped (only model and optimizer variables are threaded through the step), so the ring of rows is made of
+  variables of the (inner) optimizer while gradwatch is attached: each collected step writes its ``(P, 5)`` row in
+  the jitted step, and a drain reads the ring from the trainer's state once. (A ``jax.debug.callback`` per step,
+  the earlier design, cost a 20-layer MLP +55%.) The optimizer's ``save_own_variables``/``load_own_variables``
+  skip these variables, so checkpoints saved mid-``fit()`` hold only the optimizer's own state; they leave the
+  optimizer at ``on_train_end``. The weights before the update are the step's inputs, so update ratios cost no
+  copy. Under ``keras.distribution.DataParallel`` the gradients are already global.
 - **torch**: eager, so the wrapper runs the PyTorch adapter's fused kernels (``torch._foreach_norm``) and keeps
   the rows on the device until a drain copies them in one transfer.
 
@@ -42,14 +44,11 @@ class KerasJaxAdapter(KerasAdapter):
     backend = "jax"
 
     def _make_rings(self) -> None:
-        self._host: dict[int, np.ndarray] = {}  # step -> (P, 5) row from the jitted step
-        self._host_total = self._step
-        self._offset = 0
         self._drained = self._step  # the last step id (the optimizer's, before any loss-scale mapping) drained
         self._outer_steps = self._finite = 0  # with a LossScaleOptimizer: steps seen, steps applied
         self._true_step: dict[int, int] = {}
-        self._count = 0  # "installed"; the rows wait in self._host
-        self._dropped = 0
+        self._count = 0  # "installed": the rows wait in the optimizer's ring variables
+        self._ring_vars: list[Any] = []
 
     def _install_activations(self) -> None:
         """Wrap ``model.train_step(state, data)`` (it reads the step from the optimizer's ``iterations`` in
@@ -198,17 +197,6 @@ class KerasJaxAdapter(KerasAdapter):
         return ActivationRows(steps=np.asarray(steps, dtype=np.int64), saturation=arr[:, 0], dead=arr[:, 1],
                               rms=arr[:, 2], nonfinite=arr[:, 3], time_decades=tdec)
 
-    def _on_host(self, step: Any, row: Any) -> None:
-        """Runs on the host when a step's row arrives (out of the jitted step)."""
-        step = int(step)
-        if step <= self._drained or step in self._host:
-            return  # already drained, or a copy (one per device under data parallelism)
-        if len(self._host) >= _RING:
-            self._dropped += 1
-            return
-        self._host[step] = np.asarray(row, dtype=np.float64)
-        self._host_total = max(self._host_total, step)
-
     def _wrap_apply(self, inner: Any, outer: Any) -> None:
         import jax
         import jax.numpy as jnp
@@ -216,12 +204,18 @@ class KerasJaxAdapter(KerasAdapter):
         self._index = {id(v): i for i, v in enumerate(self._vars)}
         self._inner, self._outer = inner, outer
         p, every, update_every = self._table.n_params, self.every, self.update_every
-        on_host = self.guard(self._on_host, "Keras (JAX) step callback")
         adapter = self
 
         # Steps count from this watch's start, as on TensorFlow: the optimizer's counter may carry earlier fits.
         offset = self._step - int(np.asarray(inner.iterations.value))
         self._offset = offset
+        # One spare row past the ring: steps that are not collected (``every`` > 1) write there.
+        rows = inner.add_variable((_RING + 1, p, _P), initializer="zeros", dtype="float32", name="gradwatch_rows")
+        steps = inner.add_variable((_RING + 1,), initializer="zeros", dtype="int32", name="gradwatch_steps")
+        count = inner.add_variable((), initializer="zeros", dtype="int32", name="gradwatch_count")
+        self._ring_vars = [rows, steps, count]
+        self._read_applied = 0
+        self._guard_checkpoints(outer if outer is not None else inner, inner)
 
         def measure(grads, trainable_variables):
             variables = self._variables(trainable_variables)
@@ -231,26 +225,36 @@ class KerasJaxAdapter(KerasAdapter):
             return grads, variables, step, pos, before
 
         def record(grads, variables, step, pos, before):
-            nan = jnp.full((_P,), jnp.nan, jnp.float32)
-            cols = [nan] * p
-            collected = (step - 1) // every
-            measured = jnp.equal(collected % update_every, 0)
-            for g, v, b, i in zip(grads, variables, before, pos):
-                if i is None or g is None:
-                    continue
-                g32 = jnp.ravel(g).astype(jnp.float32)
-                b32 = jnp.ravel(b).astype(jnp.float32)
-                upd = jnp.ravel(v.value).astype(jnp.float32) - b32
-                wn = jnp.where(measured, jnp.linalg.norm(b32), jnp.nan)
-                un = jnp.where(measured, jnp.linalg.norm(upd), jnp.nan)
-                cols[i] = jnp.stack([jnp.linalg.norm(g32), jnp.max(jnp.abs(g32)),
-                                     jnp.sum(~jnp.isfinite(g32)).astype(jnp.float32), wn, un])
-            row = jnp.stack(cols)
-            send = lambda: jax.debug.callback(on_host, step, row)  # noqa: E731
-            if every > 1:
-                jax.lax.cond(jnp.equal((step - 1) % every, 0), send, lambda: None)
-            else:
-                send()
+            f32 = jnp.float32
+            have = [(jnp.ravel(g).astype(f32), v, b, i) for g, v, b, i in zip(grads, variables, before, pos)
+                    if i is not None and g is not None]
+            n = count.value
+            collected = jnp.equal((step - 1) % every, 0)
+            # Max |g|, the non-finite count and the update ratio every `update_every` collected steps (as on
+            # TensorFlow and PyTorch); an inf/NaN gradient already shows in its L2 norm on every step.
+            measured = collected & jnp.equal(n % update_every, 0)
+
+            def detail():
+                def one(g, v, b):
+                    b32 = jnp.ravel(b).astype(f32)
+                    return jnp.stack([jnp.max(jnp.abs(g)), jnp.sum(~jnp.isfinite(g)).astype(f32),
+                                      jnp.linalg.norm(b32), jnp.linalg.norm(jnp.ravel(v.value).astype(f32) - b32)])
+
+                return jnp.stack([one(g, v, b) for g, v, b, _ in have])
+
+            k = len(have)
+            cols = jnp.full((p, _P), jnp.nan, f32)
+            if k:
+                l2 = jnp.sqrt(jnp.stack([jnp.vdot(g, g) for g, _, _, _ in have]))
+                l2 = jnp.where(jnp.isnan(l2), jnp.inf, l2)  # there and not finite (NaN marks "no gradient")
+                # A step with a non-finite gradient is counted at once, whatever the schedule.
+                counted = measured | (collected & ~jnp.all(jnp.isfinite(l2)))
+                more = jax.lax.cond(counted, detail, lambda: jnp.full((k, _P - 1), jnp.nan, f32))
+                cols = cols.at[jnp.asarray([i for _, _, _, i in have])].set(jnp.concatenate([l2[:, None], more], 1))
+            slot = jnp.where(collected, n % _RING, _RING)
+            rows.assign(rows.value.at[slot].set(cols))
+            steps.assign(steps.value.at[slot].set(step))
+            count.assign(n + collected.astype(jnp.int32))
 
         self._wrap_inner_apply(inner, measure, record, "Keras (JAX) optimizer.apply")
         self._installed_on = inner
@@ -269,6 +273,58 @@ class KerasJaxAdapter(KerasAdapter):
             outer.stateless_apply = outer_stateless_apply
             self._wrapped.append(outer)
 
+    def _guard_checkpoints(self, *optimizers: Any) -> None:
+        """Keep the ring out of checkpoints: the optimizers' ``save_own_variables``/``load_own_variables`` (as
+        ``model.save``, ``save_weights`` and ``ModelCheckpoint`` call them) see their own variables only, so a
+        checkpoint saved while gradwatch is attached loads into an optimizer without it, and one saved without
+        gradwatch loads while it is attached."""
+        ours = {id(v) for v in self._ring_vars}
+        inner = self._inner
+        for opt in dict.fromkeys(optimizers):
+            for name in ("save_own_variables", "load_own_variables"):
+                original = getattr(type(opt), name)
+
+                def without_ring(store, original=original, opt=opt):
+                    kept = inner._variables[:]
+                    inner._variables[:] = [v for v in kept if id(v) not in ours]
+                    try:
+                        return original(opt, store)
+                    finally:
+                        inner._variables[:] = kept
+
+                without_ring.__gradwatch__ = True  # type: ignore[attr-defined]
+                setattr(opt, name, without_ring)
+            self._wrapped.append(opt)
+
+    def _ring_values(self) -> list[np.ndarray]:
+        """The ring variables' current values: from the trainer's state while ``fit()`` holds it (the variables
+        themselves are purged then), else the variables'. One transfer per variable."""
+        model = self.model
+        state = getattr(model, "_jax_state", None)
+        if state and not getattr(model, "_jax_state_synced", True) and state.get("optimizer_variables"):
+            where = {id(v): k for k, v in enumerate(model.optimizer.variables)}
+            values = state["optimizer_variables"]
+            return [np.asarray(values[where[id(v)]]) for v in self._ring_vars]
+        return [np.asarray(v.value) for v in self._ring_vars]
+
+    def uninstall(self, keep: tuple[str, ...] = ()) -> None:
+        # While fit() holds the trainer's state (an internal error detaches gradwatch mid-epoch), that state and
+        # the next traced step count the ring among the optimizer's variables: it stays, with its checkpoint guard,
+        # until fit() ends and syncs its state (on_train_end detaches again).
+        model = self.model
+        held = getattr(model, "_jax_state_synced", True) is False  # set from the state's gathering to its sync
+        guard = ("save_own_variables", "load_own_variables")
+        guarded = [o for o in self._wrapped if any(a in o.__dict__ for a in guard)]
+        super().uninstall(keep=keep + guard if held and self._ring_vars else keep)
+        if not self._ring_vars:
+            return
+        if held:
+            self._wrapped.extend(guarded)
+            return
+        for v in self._ring_vars:
+            self._inner._untrack_variable(v)
+        self._ring_vars = []
+
     def _on_outer(self, finite: Any) -> None:
         self._outer_steps += 1
         if bool(finite):
@@ -278,22 +334,28 @@ class KerasJaxAdapter(KerasAdapter):
     def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
         import jax
 
-        jax.effects_barrier()  # the rows of steps already dispatched: one wait per drain, none per step
-        if self._dropped:
-            self._notes.append(f"{self._dropped} steps arrived after {_RING} others were waiting; use a smaller "
+        if self._outer is not None:
+            jax.effects_barrier()  # the loss-scale steps' ordered callbacks: one wait per drain, none per step
+        values, step_ids, count = self._ring_values()
+        count = int(count)
+        new = count - self._read_applied
+        if new > _RING:
+            self._notes.append(f"{new - _RING} steps were not read before the ring wrapped; use a smaller "
                                "flush_every.")
-            self._dropped = 0
-        rows, self._host = self._host, {}
-        total = self._host_total
+            self._read_applied, new = count - _RING, _RING
+        slots = [(self._read_applied + k) % _RING for k in range(new)]
+        self._read_applied = count
+        rows = {int(step_ids[j]): values[j] for j in slots if int(step_ids[j]) > self._drained}
         self._drained = max(rows, default=self._drained)
+        total = max(self._drained, self._step)
         if self._outer is not None:  # inner step ids -> true steps; the steps in between were skipped
             rows = {self._true_step.get(k, k): v for k, v in rows.items()}
             self._true_step = {k: v for k, v in self._true_step.items() if v > max(rows, default=self._step)}
             total = self._outer_steps + self._offset
         if not rows:
             return np.zeros((0, self._table.n_params, _P)), np.zeros(0, np.int64), max(total, self._step)
-        steps = np.asarray(sorted(rows), dtype=np.int64)
-        return np.stack([rows[s] for s in steps]), steps, max(total, int(steps[-1]))
+        order = np.asarray(sorted(rows), dtype=np.int64)
+        return np.stack([rows[s] for s in order]).astype(np.float64), order, max(total, int(order[-1]))
 
 
 class KerasTorchAdapter(KerasAdapter):
@@ -302,7 +364,10 @@ class KerasTorchAdapter(KerasAdapter):
     backend = "torch"
 
     def _make_rings(self) -> None:
-        self._rows_dev: list[tuple[int, Any]] = []
+        self._row_steps: list[int] = []  # the step of each row in the device ring, until a drain
+        self._ring = None  # the PyTorch adapter's row ring, made on the first step (on the weights' device)
+        self._layouts: dict[tuple[int, ...], Any] = {}
+        self._snapshot: dict[int, Any] = {}  # parameter -> its buffer for the weight snapshot
         self._total_py = self._step
         self._count = 0
         self._act_rows: list[tuple[int, dict[int, Any], dict[int, Any]]] = []
@@ -312,42 +377,86 @@ class KerasTorchAdapter(KerasAdapter):
     def _wrap_apply(self, inner: Any, outer: Any) -> None:
         import torch
 
+        from gradwatch.adapters._torch_packed import Layout, count_nonfinite
+        from gradwatch.adapters.torch import _foreach_max, _RowRing
+
         self._index = {id(v): i for i, v in enumerate(self._vars)}
         self._inner, self._outer = inner, outer
         p, adapter = self._table.n_params, self
         f32 = torch.float32
 
+        def layout(have: list, tensors: list) -> tuple[Any, Any]:
+            """The packed layout of this pattern of gradients, and where its columns go in a row (made once)."""
+            key = tuple(i for _, _, i in have)
+            made = adapter._layouts.get(key)
+            if made is None:
+                device = tensors[0].device
+                where = None if list(key) == list(range(p)) else torch.tensor(key, device=device)
+                made = Layout(tensors, device, grouped=len(adapter._layouts) < 16), where
+                if len(adapter._layouts) < 16:
+                    adapter._layouts[key] = made
+            return made
+
+        @torch.no_grad()
         def measure(grads, trainable_variables):
+            """Before the update: the L2 norms (every collected step), max |g| and the non-finite count (every
+            `update_every` collected steps, and at once when a norm is not finite) and, on those steps, a copy of
+            the weights into reused buffers; the PyTorch adapter's packed CPU kernels."""
             variables = self._variables(trainable_variables)
             step = adapter._total_py + (0 if outer is not None else 1)
             if (step - 1) % adapter.every:
                 return None
-            measured = adapter._count % adapter.update_every == 0
             pos = [adapter._index.get(id(v)) for v in variables]
             have = [(g, v, i) for g, v, i in zip(grads, variables, pos) if i is not None and g is not None]
+            if not have:
+                return step, have, None, None, None, None
             gs = [g for g, _, _ in have]
-            l2 = torch.stack(torch._foreach_norm(gs, 2, dtype=f32)) if gs else None
-            mx = nf = None
-            if gs:  # every collected step, as the TensorFlow adapter does: max |g| and the non-finite count
-                mx = torch.stack(torch._foreach_norm(gs, math.inf, dtype=f32))
-                nf = torch.stack(torch._foreach_norm(torch._foreach_mul(gs, 0.0), 0, dtype=f32))
-            before = torch._foreach_mul([v.value.detach() for _, v, _ in have], 1.0) if gs and measured else None
-            return step, have, l2, mx, nf, before
+            lay, where = layout(have, gs)
+            packed = lay.pack(gs, "grad")
+            l2 = packed.norms()
+            measured = adapter._count % adapter.update_every == 0
+            detail, finite = measured, True
+            if lay.cpu:  # reading a CPU value costs no sync: a non-finite gradient is counted at once
+                finite = bool(torch.isfinite(l2).all())
+                detail = measured or not finite
+            counts = None
+            if detail and lay.cpu:
+                mx = packed.maxima()
+                counts = mx, torch.zeros_like(mx) if finite else count_nonfinite(gs, l2)
+            elif detail:
+                absg = torch._foreach_abs(gs)
+                mx = torch.stack(_foreach_max(absg)).to(f32)
+                torch._foreach_mul_(absg, 0.0)
+                counts = mx, torch.stack(torch._foreach_norm(absg, 0, dtype=f32))
+            l2 = l2.nan_to_num(nan=math.inf, posinf=math.inf)  # there and not finite (NaN marks "no gradient")
+            before = None
+            if measured:
+                weights = [v.value.detach() for _, v, _ in have]
+                store = adapter._scratch(lay, weights, [i for _, _, i in have])
+                before = lay.pack(weights, "before", solo_store=store)
+            return step, have, (lay, where), l2, counts, before
 
         @torch.no_grad()
-        def record(step, have, l2, mx, nf, before):
-            device = l2.device if l2 is not None else None
-            row = torch.full((p, _P), float("nan"), device=device)
-            if have:
-                idx = torch.tensor([i for _, _, i in have], device=device)
-                row[idx, 0] = l2
-                if mx is not None:
-                    row[idx, 1], row[idx, 2] = mx, nf
+        def record(step, have, plan, l2, counts, before):
+            if adapter._ring is None:
+                device = l2.device if l2 is not None else torch.device("cpu")
+                adapter._ring = _RowRing(p, device, 32)  # it doubles if a drain comes later
+            slot = adapter._ring.slot(len(adapter._row_steps))
+            if l2 is not None:
+                lay, where = plan
+                cols = [(0, l2)]
+                if counts is not None:
+                    cols += [(1, counts[0]), (2, counts[1])]
                 if before is not None:
-                    now = [v.value.detach() for _, v, _ in have]
-                    row[idx, 3] = torch.stack(torch._foreach_norm(before, 2, dtype=f32))
-                    row[idx, 4] = torch.stack(torch._foreach_norm(torch._foreach_sub(now, before), 2, dtype=f32))
-            adapter._rows_dev.append((step, row))
+                    wn = before.norms()
+                    cols += [(3, wn), (4, before.sub_(lay.pack([v.value.detach() for _, v, _ in have],
+                                                               "after")).norms())]
+                for c, values in cols:
+                    if where is None:
+                        slot[c].copy_(values)
+                    else:
+                        slot[c].index_copy_(0, where, values.to(slot.dtype))
+            adapter._row_steps.append(step)
             adapter._count += 1
 
         def count() -> None:  # without a loss scaler, every applied step is a step
@@ -367,14 +476,26 @@ class KerasTorchAdapter(KerasAdapter):
             self._wrapped.append(outer)
         self._installed_on = inner
 
-    def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+    def _scratch(self, layout: Any, weights: list, params: list[int]) -> list:
+        """Reused buffers, one per parameter, for the large weights of a snapshot (the layout packs the small)."""
         import torch
 
-        rows, self._rows_dev = self._rows_dev, []
-        if not rows:
+        bufs = self._snapshot
+        out = []
+        for k in layout.solo:
+            t = weights[k]
+            b = bufs.get(params[k])
+            if b is None or b.shape != t.shape or b.dtype != t.dtype:
+                b = bufs[params[k]] = torch.empty_like(t, memory_format=torch.contiguous_format)
+            out.append(b)
+        return out
+
+    def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+        steps, self._row_steps = self._row_steps, []
+        if not steps:
             return np.zeros((0, self._table.n_params, _P)), np.zeros(0, np.int64), self._total_py
-        values = torch.stack([r for _, r in rows]).cpu().numpy().astype(np.float64)  # one transfer
-        return values, np.asarray([s for s, _ in rows], dtype=np.int64), self._total_py
+        values, _, _ = self._ring.take(len(steps))  # one transfer
+        return values, np.asarray(steps, dtype=np.int64), self._total_py
 
     # -- activations (eager) ---------------------------------------------------------------------------------
 

@@ -500,13 +500,14 @@ class TorchAdapter(Adapter):
             packed = self._layout(bytes(missing) if missing else b"", present).pack(present, "grad")
             l2 = packed.norms()
             cols = None
-            if detail:
-                if packed.layout.cpu:  # reading a CPU value costs no sync: count only where a norm is not finite
-                    mx = packed.maxima()
-                    finite = bool(torch.isfinite(l2).all())
+            if packed.layout.cpu:  # reading a CPU value costs no sync: a non-finite gradient is counted at once
+                finite = bool(torch.isfinite(l2).all())
+                if detail or not finite:
+                    detail, mx = True, packed.maxima()
                     cols = mx, torch.zeros_like(mx) if finite else count_nonfinite(present, l2)
-                else:
-                    cols = self._foreach_detail(present, at, l2)
+            elif detail:
+                cols = self._foreach_detail(present, at, l2)
+        l2 = l2.nan_to_num(nan=math.inf, posinf=math.inf)  # there and not finite (NaN marks "no gradient" in a row)
         if not detail:
             self._put(slice(0, 1), missing, l2.to(self._device).unsqueeze(0))
             return

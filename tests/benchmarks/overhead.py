@@ -17,100 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
-import time
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def bench_keras(rounds: int, steps: int, only: str = "") -> list[tuple[str, dict[str, float]]]:
-    import keras
-    import numpy as np
-
-    import gradwatch
-
-    def mlp20():
-        layers = [keras.Input((64,))] + [keras.layers.Dense(256, activation="relu", kernel_initializer="he_normal")
-                                         for _ in range(20)] + [keras.layers.Dense(1)]
-        return keras.Sequential(layers), np.random.randn(128 * steps, 64).astype("float32"), \
-            np.random.randn(128 * steps, 1).astype("float32"), "mse", 128
-
-    def cnn():
-        m = keras.Sequential([keras.Input((32, 32, 3))] + [
-            layer for _ in range(3) for layer in (keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
-                                                    keras.layers.BatchNormalization(), keras.layers.ReLU())
-        ] + [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-        return m, np.random.randn(32 * steps, 32, 32, 3).astype("float32"), \
-            np.random.randint(0, 2, (32 * steps,)), "sparse_categorical_crossentropy", 32
-
-    def rnn():  # the time probe makes fit() compute the input gradient of a first-layer RNN on every step
-        m = keras.Sequential([keras.Input((60, 8)), keras.layers.SimpleRNN(128), keras.layers.Dense(2)])
-        return m, np.random.randn(64 * steps, 60, 8).astype("float32"), \
-            np.random.randint(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
-
-    def lstm():
-        m = keras.Sequential([keras.Input((60, 8)), keras.layers.LSTM(128), keras.layers.Dense(2)])
-        return m, np.random.randn(64 * steps, 60, 8).astype("float32"), \
-            np.random.randint(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
-
-    class EpochTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.epochs: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.epochs.append(time.perf_counter() - self.t0)
-
-    out = []
-    for name, make in {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn,
-                       "Keras SimpleRNN, 60 steps": rnn, "Keras LSTM, 60 steps": lstm}.items():
-        if only.lower() not in name.lower():
-            continue
-        model, x, y, loss, bs = make()
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
-        model.fit(x[:bs * 3], y[:bs * 3], batch_size=bs, verbose=0)
-        # "gradwatch, activation_every=0" isolates what the activation sampling and the RNN time probe cost.
-        times: dict[str, list[float]] = {"plain": [], "gradwatch": [], "gradwatch, activation_every=0": []}
-        if keras.backend.backend() == "tensorflow":  # its histograms are a TensorFlow feature
-            times["TensorBoard(histogram_freq=1)"] = []
-        startup: dict[str, list[float]] = {k: [] for k in times}
-        names = list(times)
-        for r in range(rounds):
-            # Rotate the order each round: a variant's after-effects (TensorBoard's writer thread, a re-trace)
-            # must not always land on the same neighbour.
-            for variant in names[r % len(names):] + names[:r % len(names)]:
-                timer = EpochTimer()
-                cbs = [timer]
-                if variant == "gradwatch":
-                    cbs.insert(0, gradwatch.KerasCallback(reporters=[]))
-                elif variant.startswith("gradwatch,"):
-                    cbs.insert(0, gradwatch.KerasCallback(reporters=[], activation_every=0))
-                elif variant.startswith("TensorBoard"):
-                    cbs.insert(0, keras.callbacks.TensorBoard(log_dir=tempfile.mkdtemp(), histogram_freq=1))
-                # Steady state: the second epoch, from its start to the end of every callback's on_epoch_end
-                # (TensorBoard writes its histograms there). The first epoch also holds the one-time cost of a
-                # fit() start (gradwatch re-traces the train step), reported in the notes below the table.
-                # Every variant starts from a fresh trace, as gradwatch's does: a train function kept from an
-                # earlier fit() ran its second epoch ~40% slower than a fresh one for the CNN (measured), which
-                # would flatter every variant that re-traces.
-                model.train_function = None
-                model.fit(x, y, batch_size=bs, epochs=2, verbose=0, callbacks=cbs)
-                n = len(x) // bs
-                times[variant].append(timer.epochs[1] / n)
-                startup[variant].append(timer.epochs[0] - timer.epochs[1])
-        name = f"{name} ({keras.backend.backend()})"
-        out.append((name, {k: statistics.median(v) for k, v in times.items()}))
-        print(f"{name}: first-epoch extra time (tracing, fit start): " + ", ".join(
-            f"{k} {statistics.median(v):.2f} s" for k, v in startup.items()), file=sys.stderr)
-    return out
 
 
 def table(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -155,7 +67,9 @@ def main() -> None:
 
         torch_cost.main(args.rounds, args.only, scale=not args.only)
     if args.keras:
-        print(table(bench_keras(args.rounds, args.steps, args.only)))
+        from tests.benchmarks import keras_cost
+
+        print(keras_cost.table(keras_cost.bench(args.rounds, args.only)))
     if args.frameworks:
         from tests.benchmarks.frameworks import bench_frameworks
 

@@ -1,0 +1,239 @@
+"""What gradwatch costs Keras ``fit()``, against no monitoring (and TensorBoard's histograms on TensorFlow).
+
+Per model, one identical copy per variant (same weights, its own compiled optimizer), each trained by a real
+``fit()`` in a thread of its own. The threads take turns batch by batch (the order rotating each step), so a slow
+spell of the shared machine hits every variant alike; timing whole fits one after another (the previous harness)
+put plain against plain at -20%..+22% on this machine. A variant's step time runs from its turn's
+``on_train_batch_begin`` to its ``on_train_batch_end`` with the step's loss read back (so JAX's asynchronous
+dispatch is waited for, in every variant alike); the last batch of an epoch also holds every callback's
+``on_epoch_end`` (where TensorBoard writes its histograms).
+
+- ``plain``: no callback but the timer; ``plain, again``: a second plain copy, whose figure is the harness's own
+  noise;
+- ``gradwatch``: ``gradwatch.KerasCallback(reporters=[])`` at its defaults (every=1: every step's gradients, the
+  update ratio every 10th, activations every 25th, a flush every 25th);
+- ``gradwatch, activation_every=0``: the same without activation sampling (what the sampling costs);
+- ``TensorBoard(histogram_freq=1)`` (TensorFlow only: its histograms are a TensorFlow feature).
+
+The figure per variant is the mean step time over each epoch after the first (50 steps: two whole periods of
+gradwatch's schedules), as a ratio to plain in the same epoch: median (min..max) over epochs. The fit start is the
+time from ``on_train_begin`` to the end of the first step (tracing, gradwatch's install), as a ratio to plain's.
+
+Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+STEPS = 50  # batches per epoch: two periods of activation_every and flush_every (25), five of update_every
+
+
+def models(steps: int) -> dict[str, Callable]:
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def mlp20():
+        layers = [keras.Input((64,))] + [keras.layers.Dense(256, activation="relu", kernel_initializer="he_normal")
+                                         for _ in range(20)] + [keras.layers.Dense(1)]
+        return keras.Sequential(layers), rng.standard_normal((128 * steps, 64)).astype("float32"), \
+            rng.standard_normal((128 * steps, 1)).astype("float32"), "mse", 128
+
+    def cnn():
+        m = keras.Sequential([keras.Input((32, 32, 3))] + [
+            layer for _ in range(3) for layer in (keras.layers.Conv2D(32, 3, padding="same", use_bias=False),
+                                                    keras.layers.BatchNormalization(), keras.layers.ReLU())
+        ] + [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+        return m, rng.standard_normal((32 * steps, 32, 32, 3)).astype("float32"), \
+            rng.integers(0, 2, (32 * steps,)), "sparse_categorical_crossentropy", 32
+
+    def rnn():  # the time probe makes fit() compute the input gradient of a first-layer RNN on sampled steps
+        m = keras.Sequential([keras.Input((60, 8)), keras.layers.SimpleRNN(128), keras.layers.Dense(2)])
+        return m, rng.standard_normal((64 * steps, 60, 8)).astype("float32"), \
+            rng.integers(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
+
+    def lstm():
+        m = keras.Sequential([keras.Input((60, 8)), keras.layers.LSTM(128), keras.layers.Dense(2)])
+        return m, rng.standard_normal((64 * steps, 60, 8)).astype("float32"), \
+            rng.integers(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
+
+    return {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn, "Keras SimpleRNN, 60 steps": rnn,
+            "Keras LSTM, 60 steps": lstm}
+
+
+class _Turns:
+    """Hands the turn to one thread at a time, in a rotating order: after every thread has had one turn, the
+    next round starts with the next thread."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.cond = threading.Condition()
+        self.round = 0
+        self.pos = 0
+        self.done: set[str] = set()
+        self.arrived: set[str] = set()
+
+    def arrive(self, name: str) -> None:
+        """Wait until every thread is ready to train (each fit()'s own set-up done), then for ``name``'s turn."""
+        with self.cond:
+            self.arrived.add(name)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.arrived == set(self.names) and self.current() == name)
+
+    def current(self) -> str:
+        live = [n for n in self.names if n not in self.done]
+        shift = self.round % len(live)
+        return (live[shift:] + live[:shift])[self.pos % len(live)]
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.current() == name)
+
+    def passed(self, name: str, finished: bool = False) -> None:
+        """The turn goes on; ``finished``: ``name`` takes no more turns (its position now holds the next)."""
+        with self.cond:
+            if finished:
+                if name in self.done:
+                    return
+                self.done.add(name)
+            else:
+                self.pos += 1
+            if self.done != set(self.names) and self.pos >= len(self.names) - len(self.done):
+                self.pos, self.round = 0, self.round + 1
+            self.cond.notify_all()
+
+
+def _timer(name: str, turns: _Turns, steps: int, epochs: int):
+    import keras
+
+    class Timer(keras.callbacks.Callback):
+        """Last in the callback list: times its own turns, holding the turn across an epoch's end (and the last
+        epoch's across the end of training: every callback's ``on_train_end`` runs in its turn)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[list[float]] = []
+            self.start = 0.0
+            self.first = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append([])
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch:
+                turns.wait(name)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))  # wait for the step (JAX is async)
+            now = time.perf_counter()
+            if self.start and not self.first:
+                self.first = now - self.start
+            self.epochs[-1].append(now - self.t0)
+            if batch + 1 < steps:
+                turns.passed(name)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs[-1][-1] = time.perf_counter() - self.t0  # the epoch's end, too
+            if epoch + 1 < epochs:
+                turns.passed(name)
+
+        def on_train_end(self, logs=None):
+            turns.passed(name, finished=True)
+
+    return Timer()
+
+
+def _starter(name: str, turns: _Turns, timer):
+    import keras
+
+    class Starter(keras.callbacks.Callback):
+        """First in the callback list: waits for its turn before anything of the fit start runs."""
+
+        def on_train_begin(self, logs=None):
+            turns.arrive(name)
+            timer.start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch:
+                turns.wait(name)
+
+    return Starter()
+
+
+def bench(rounds: int, only: str = "") -> list[dict]:
+    import keras
+
+    import gradwatch
+
+    backend = keras.backend.backend()
+    variants: dict[str, Callable[[], list]] = {
+        "plain": lambda: [],
+        "plain, again": lambda: [],
+        "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
+        "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)],
+    }
+    if backend == "tensorflow":
+        variants["TensorBoard(histogram_freq=1)"] = lambda: [keras.callbacks.TensorBoard(
+            log_dir=tempfile.mkdtemp(), histogram_freq=1)]
+    rows = []
+    for label, make in models(STEPS).items():
+        if only.lower() not in label.lower():
+            continue
+        model, x, y, loss, bs = make()
+        weights = model.get_weights()
+        # The first trace in a process pays the backend's own warm-up: not any variant's.
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        model.fit(x[:bs * 2], y[:bs * 2], batch_size=bs, verbose=0)
+        names = list(variants)
+        turns = _Turns(names)
+        timers, errors, threads = {}, [], []
+        for v in names:
+            keras.utils.set_random_seed(0)
+            m = keras.models.clone_model(model)
+            m.set_weights(weights)
+            m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+            timers[v] = timer = _timer(v, turns, STEPS, rounds + 1)
+            cbs = [_starter(v, turns, timer), *variants[v](), timer]
+
+            def run(m=m, cbs=cbs, v=v):
+                try:
+                    m.fit(x, y, batch_size=bs, epochs=rounds + 1, verbose=0, shuffle=False, callbacks=cbs)
+                except BaseException as exc:  # noqa: BLE001 - reported after the others finish
+                    errors.append((v, exc))
+                finally:
+                    turns.passed(v, finished=True)
+
+            threads.append(threading.Thread(target=run, name=v))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"{label}: {errors}")
+        means = {v: [statistics.fmean(e) for e in timers[v].epochs[1:]] for v in names}
+        ratios = {v: [m / p - 1 for m, p in zip(means[v], means["plain"])] for v in names[1:]}
+        rows.append({"model": f"{label} ({backend})", "plain_ms": statistics.median(means["plain"]) * 1e3,
+                     "overhead": {v: (statistics.median(r), min(r), max(r)) for v, r in ratios.items()},
+                     "start": {v: timers[v].first / timers["plain"].first for v in names[1:]},
+                     "start_s": {v: timers[v].first for v in names}})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    variants = list(rows[0]["overhead"])
+    head = ("| model | plain ms/step | " + " | ".join(variants) + " | fit start: plain | " +
+            " | ".join(f"fit start: {v}" for v in variants) + " |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [f"{m * 100:+.1f}% ({lo * 100:+.1f}..{hi * 100:+.1f})" for m, lo, hi in r["overhead"].values()]
+        starts = [f"{r['start_s'][v]:.2f} s ({r['start'][v]:.2f}x)" for v in variants]
+        lines.append(f"| {r['model']} | {r['plain_ms']:.2f} | " + " | ".join(cells) +
+                     f" | {r['start_s']['plain']:.2f} s | " + " | ".join(starts) + " |")
+    return "\n".join(lines)
