@@ -345,3 +345,21 @@ def test_a_nan_born_in_an_exp_gets_bounded_activation_first():
 def test_a_tanh_stack_started_too_small_gets_its_init_before_a_new_activation():
     assert fixes([VAN], structure("tanh", std=0.05))[:2] == ["xavier_init", "relu"]
     assert fixes([VAN], structure("sigmoid", std=0.05))[0] == "relu"  # sigmoid vanishes at any init
+
+
+def test_nanmedian0_equals_numpy_nanmedian():
+    """The detector's median (a sort instead of numpy's masked-array path) gives numpy's figures exactly."""
+    import warnings
+
+    from gradwatch.core.checks.base import nanmedian0
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        r, c = int(rng.integers(1, 12)), int(rng.integers(1, 30))
+        a = rng.standard_normal((r, c)) * 10.0 ** rng.integers(-5, 5, (r, c))
+        for value, share in ((np.nan, 0.3), (np.inf, 0.05), (-np.inf, 0.05)):
+            a[rng.random((r, c)) < share] = value
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "All-NaN slice"
+            expected = np.nanmedian(a, axis=0)
+        np.testing.assert_array_equal(nanmedian0(a), expected)

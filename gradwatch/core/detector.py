@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gradwatch.core.checks import DEFAULT_CHECKS, Check, CheckContext, Episode, GradStep, Ledger, Thresholds
+from gradwatch.core.checks.base import quiet
 from gradwatch.core.checks.nonfinite import NonfiniteCheck
 from gradwatch.core.kinds import HEALTH_KINDS
 from gradwatch.core.report import Finding
@@ -68,22 +69,24 @@ class Detector:
 
     def update(self, rows: LayerRows) -> list[Finding]:
         """Judge new gradient rows; return the findings that appeared for the first time."""
-        for i in range(len(rows)):
-            row = GradStep.of(rows, i)
-            self.last_step = row.step
-            if not row.skipped and row.finite:
-                self.ctx.recent.append(row)
-            for check in self.checks:
-                check.on_grad(row)
+        with quiet():  # once for the whole batch of rows: the checks' own quiet() are then free
+            for i in range(len(rows)):
+                row = GradStep.of(rows, i)
+                self.last_step = row.step
+                if not row.skipped and row.finite:
+                    self.ctx.recent.append(row)
+                for check in self.checks:
+                    check.on_grad(row)
         return self._announce()
 
     def update_activations(self, acts: ActivationRows) -> list[Finding]:
         """Judge sampled activation rows (and RNN gradients through time); return new findings."""
-        for i in range(len(acts.steps)):
-            if np.nansum(acts.nonfinite[i]) > 0:
-                continue  # inf/NaN activations say nothing about saturation or dead units; the non-finite check does
-            for check in self.checks:
-                check.on_activations(int(acts.steps[i]), acts, i)
+        with quiet():
+            for i in range(len(acts.steps)):
+                if np.nansum(acts.nonfinite[i]) > 0:
+                    continue  # inf/NaN activations say nothing about saturation or dead units; the non-finite check
+                for check in self.checks:
+                    check.on_activations(int(acts.steps[i]), acts, i)
         return self._announce()
 
     def note_activation_nonfinite(self, step: int, layer: int, activation: str | None = None) -> None:

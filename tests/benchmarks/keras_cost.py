@@ -16,8 +16,13 @@ dispatch is waited for, in every variant alike); the last batch of an epoch also
 - ``TensorBoard(histogram_freq=1)`` (TensorFlow only: its histograms are a TensorFlow feature).
 
 The figure per variant is the mean step time over each epoch after the first (50 steps: two whole periods of
-gradwatch's schedules), as a ratio to plain in the same epoch: median (min..max) over epochs. The fit start is the
-time from ``on_train_begin`` to the end of the first step (tracing, gradwatch's install), as a ratio to plain's.
+gradwatch's schedules), as a ratio to plain in the same epoch: median (min..max) over epochs. The fit start is what
+the first epoch costs beyond its steps at the variant's steady rate (from ``on_train_begin``: gradwatch's install,
+every trace and compile, wherever in the epoch it falls), as a ratio to plain's.
+
+On the torch backend, which runs eagerly, the threads gave nonsense (plain against plain -18%, gradwatch -51% on the
+LSTM: torch's thread pools per Python thread): there each variant's ``train_step`` runs in turn from one thread, a
+step at a time, with its callbacks' batch and epoch hooks called around it as ``fit()`` calls them.
 
 Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5]
 """
@@ -191,6 +196,9 @@ def bench(rounds: int, only: str = "") -> list[dict]:
         # The first trace in a process pays the backend's own warm-up: not any variant's.
         model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
         model.fit(x[:bs * 2], y[:bs * 2], batch_size=bs, verbose=0)
+        if backend == "torch":
+            rows.append(_eager(label, backend, weights, model, x, y, loss, bs, variants, rounds))
+            continue
         names = list(variants)
         turns = _Turns(names)
         timers, errors, threads = {}, [], []
@@ -217,13 +225,64 @@ def bench(rounds: int, only: str = "") -> list[dict]:
             t.join()
         if errors:
             raise RuntimeError(f"{label}: {errors}")
-        means = {v: [statistics.fmean(e) for e in timers[v].epochs[1:]] for v in names}
-        ratios = {v: [m / p - 1 for m, p in zip(means[v], means["plain"])] for v in names[1:]}
-        rows.append({"model": f"{label} ({backend})", "plain_ms": statistics.median(means["plain"]) * 1e3,
-                     "overhead": {v: (statistics.median(r), min(r), max(r)) for v, r in ratios.items()},
-                     "start": {v: timers[v].first / timers["plain"].first for v in names[1:]},
-                     "start_s": {v: timers[v].first for v in names}})
+        epochs = {v: timers[v].epochs for v in names}
+        first = {v: timers[v].first + sum(epochs[v][0][1:]) for v in names}  # on_train_begin to the epoch's end
+        rows.append(_row(label, backend, epochs, first))
     return rows
+
+
+def _row(label: str, backend: str, epochs: dict[str, list[list[float]]], first: dict[str, float]) -> dict:
+    """A table row from each variant's step times per epoch and its first epoch's whole time."""
+    names = list(epochs)
+    means = {v: [statistics.fmean(e) for e in epochs[v][1:]] for v in names}
+    ratios = {v: [m / p - 1 for m, p in zip(means[v], means["plain"])] for v in names[1:]}
+    once = {v: first[v] - len(epochs[v][0]) * statistics.median(means[v]) for v in names}
+    return {"model": f"{label} ({backend})", "plain_ms": statistics.median(means["plain"]) * 1e3,
+            "overhead": {v: (statistics.median(r), min(r), max(r)) for v, r in ratios.items()},
+            "start": {v: once[v] / once["plain"] for v in names[1:]}, "start_s": once}
+
+
+def _eager(label: str, backend: str, weights, model, x, y, loss, bs: int, variants: dict, rounds: int) -> dict:
+    """Eager backends: one thread; each step, every variant's ``train_step`` on the same batch in turn (the order
+    rotating), its callbacks' hooks around it as in ``fit()``."""
+    import keras
+
+    names = list(variants)
+    runs = {}
+    for v in names:
+        keras.utils.set_random_seed(0)
+        m = keras.models.clone_model(model)
+        m.set_weights(weights)
+        m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        cbs = keras.callbacks.CallbackList(variants[v](), model=m)
+        runs[v] = (m, cbs)
+    times = {v: [[] for _ in range(rounds + 1)] for v in names}
+    first = {}
+    for v in names:
+        m, cbs = runs[v]
+        t0 = time.perf_counter()
+        cbs.on_train_begin()
+        first[v] = time.perf_counter() - t0  # the install; the eager step itself has nothing to trace
+    for epoch in range(rounds + 1):
+        for v in names:
+            runs[v][1].on_epoch_begin(epoch)
+        for b in range(STEPS):
+            data = (x[b * bs:(b + 1) * bs], y[b * bs:(b + 1) * bs])
+            shift = (epoch * STEPS + b) % len(names)
+            for v in names[shift:] + names[:shift]:
+                m, cbs = runs[v]
+                t0 = time.perf_counter()
+                cbs.on_train_batch_begin(b)
+                logs = m.train_step(data)
+                cbs.on_train_batch_end(b, {k: float(keras.ops.convert_to_numpy(val)) for k, val in logs.items()})
+                times[v][epoch].append(time.perf_counter() - t0)
+        for v in names:
+            t0 = time.perf_counter()
+            runs[v][1].on_epoch_end(epoch)
+            times[v][epoch][-1] += time.perf_counter() - t0
+    for v in names:
+        runs[v][1].on_train_end()
+    return _row(label, backend, times, {v: first[v] + sum(times[v][0]) for v in names})
 
 
 def table(rows: list[dict]) -> str:
