@@ -6,6 +6,8 @@ own processes (``KERAS_BACKEND`` is fixed at import), started by ``tests/test_ke
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -272,6 +274,28 @@ def test_nan_gradient_between_detail_steps_is_found_at_its_step_and_counted():
     assert f.step == 5 and f.severity == "critical"
     n_weights = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert f.evidence["nonfinite_values"] == n_weights  # counted exactly, though step 5 is no detail step
+
+
+def test_checkpoint_saved_mid_fit_loads_without_gradwatch(tmp_path):
+    # On JAX gradwatch's ring lives among the optimizer's variables while it is attached; a checkpoint written then
+    # (ModelCheckpoint, mid-fit) must hold the optimizer's own state only, and load into a model without gradwatch.
+    path = str(tmp_path / "ckpt.weights.h5")
+    model = mlp("relu", depth=3, init="he_normal")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x, y = data()
+    saver = keras.callbacks.ModelCheckpoint(path, save_weights_only=True, save_freq=6)
+    cb = gradwatch.KerasCallback(reporters=[])
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[cb, saver])
+    assert cb.report().step == 8
+    n_opt = len(model.optimizer.variables)  # after fit: gradwatch's ring variables are gone again
+    fresh = mlp("relu", depth=3, init="he_normal")
+    fresh.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    fresh.optimizer.build(fresh.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Skipping variable loading for optimizer ..." would be a warning
+        fresh.load_weights(path)
+    assert len(fresh.optimizer.variables) == n_opt
+    assert int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 6  # the optimizer state came back
 
 
 def test_small_cnn_with_batch_norm_is_healthy():
