@@ -513,6 +513,40 @@ def test_saturation_and_dead_units_are_sampled_in_fit():
     leaky = next(r for r in report.recommendations if r.fix == "leaky_relu")
     assert "off" in leaky.layers and "LeakyReLU" in leaky.snippet
 
+def test_activations_are_sampled_on_step_one_and_every_activation_every_in_every_fit():
+    """The sampled steps are picked outside the traced step (TensorFlow, JAX: one of two train functions), so they
+    must follow the schedule exactly, also in a second fit() (the callback watches each fit() afresh)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="tanh", name="hidden"),
+                              keras.layers.Dense(1, name="head")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4, flush_every=5)
+    sampled = []
+
+    class Spy(keras.callbacks.Callback):  # after gradwatch's callback: its watcher exists by then
+        def on_train_begin(self, logs=None):
+            adapter = cb.watcher.adapter
+            if "drain" in adapter.__dict__:
+                return
+            drain = adapter.drain
+
+            def spy():
+                batch, acts = drain()
+                if acts is not None:
+                    sampled.extend(int(s) for s in acts.steps)
+                return batch, acts
+
+            adapter.drain = spy
+
+    x, y = data()  # 512 rows: 8 batches of 64
+    model.fit(x[:384], y[:384], batch_size=64, epochs=2, verbose=0, callbacks=[cb, Spy()])  # steps 1-12
+    cb.report()
+    assert sampled == [1, 4, 8, 12]
+    model.fit(x[:384], y[:384], batch_size=64, epochs=1, verbose=0, callbacks=[cb, Spy()])  # steps 1-6 again
+    report = cb.report()
+    assert sampled == [1, 4, 8, 12, 1, 4] and report.step == 6
+    assert np.isfinite(report.layer("hidden").saturation)
+
 
 def test_keras_run_log_and_wandb(tmp_path):
     wandb = pytest.importorskip("wandb", exc_type=ModuleNotFoundError)

@@ -169,6 +169,11 @@ class KerasAdapter(Adapter):
             defer_unbuilt: For the callback: a model that ``fit()`` only builds in its first step (a subclassed
                 model with its own ``train_step``) is watched from the step after it is built.
         """
+        self._install(defer_unbuilt)
+        if getattr(self, "_sampled_fit", False) and self._installed_on is not None:
+            self._dispatch()  # again on each install: compile() or fit() may have made a train function of its own
+
+    def _install(self, defer_unbuilt: bool) -> None:
         model = self.model
         opt = getattr(model, "optimizer", None)
         if opt is None:
@@ -295,26 +300,26 @@ class KerasAdapter(Adapter):
             norms = tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(g) for g, _ in have]))
             return tf.where(tf.math.is_nan(norms), float("inf"), norms)
 
-        # On measure steps, one cond (a cond costs ~50-80 us a step, taken or not): max |g| and the non-finite count,
-        # and the weights before the update: a read, which the optimizer's assignment then copies (copy-on-write).
-        # Outside XLA the other branch gives a scalar per weight; XLA wants both branches of one shape.
+        # Max |g| and the non-finite count in one cond (~50-80 us a step, taken or not) on measure steps and on a
+        # step whose norms are not finite. The weights before the update (a read, which the optimizer's assignment
+        # then copies: copy-on-write) in another, on measure steps only: made to wait for the norms, it held every
+        # update back until the last gradient's norm was taken (+4.6% a step on a 20-layer MLP, measured).
+        # Outside XLA the other branches give a scalar per weight; XLA wants both branches of one shape.
         weights = [v for v, _ in watched]
         xla = bool(getattr(self.model, "jit_compile", False))
 
         def detail():
             maxima = [tf.stack([tf.reduce_max(tf.abs(g)), tf.reduce_sum(
                 tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))]) for g, _ in have]
-            return tf.stack(maxima) if have else tf.zeros([0, 2]), [tf.identity(tf.cast(v, tf.float32)) for v in
-                                                                    weights]
-
-        def no_detail():
-            return tf.fill([k, 2], nan), [tf.zeros(tf.shape(v) if xla else [], tf.float32) for v in weights]
+            return tf.stack(maxima) if have else tf.zeros([0, 2])
 
         norms = tf.cond(collect, l2, lambda: tf.fill([k], nan)) if self.every > 1 else l2()
         # A step with a non-finite gradient is counted at once, whatever the schedule.
-        measure = tf.logical_or(measure, tf.logical_and(collect, tf.logical_not(tf.reduce_all(
-            tf.math.is_finite(norms)))))
-        details, before = tf.cond(measure, detail, no_detail)
+        nonfinite = tf.logical_and(collect, tf.logical_not(tf.reduce_all(tf.math.is_finite(norms))))
+        details = tf.cond(tf.logical_or(measure, nonfinite), detail, lambda: tf.fill([k, 2], nan))
+        before = tf.cond(measure, lambda: [tf.identity(tf.cast(v, tf.float32)) for v in weights],
+                         lambda: [tf.zeros(tf.shape(v) if xla else [], tf.float32) for v in weights]) \
+            if weights else []
         grads_at = [i for _, i in have]
         return step_id, collect, (norms, details, grads_at), measure, watched, list(before)
 
@@ -370,8 +375,15 @@ class KerasAdapter(Adapter):
         original_step = model.train_step
 
         def begin_sample():
+            """``(sample?, ring slot, step)``, or ``None`` in the train function of the steps not sampled."""
+            chosen = getattr(adapter._local, "sampling", None)  # set by _dispatch while it traces a step
+            if chosen is False:
+                return None
             step = tf.cast(total.read_value(), tf.int64) + 1  # `total` counts the steps already finished
-            sample = tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
+            if chosen:
+                sample = tf.constant(True)
+            else:  # no _dispatch (steps_per_execution > 1, run_eagerly): the step picks in the graph
+                sample = tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
             return sample, count.read_value() % _ACT_RING, step
 
         begin_guarded = self.guard(begin_sample, "Keras train_step")
@@ -396,6 +408,42 @@ class KerasAdapter(Adapter):
             return out
 
         self._wrap_step_and_layers(train_step, lambda target: self._wrap_call(target, ring))
+        # The cond that picks sampled steps inside one traced step cost the steps not sampled +4 to +5% on a
+        # 20-layer MLP (measured): there fit() runs one of two train functions instead (_dispatch).
+        self._sampled_fit = (not model.run_eagerly and getattr(model, "steps_per_execution", 1) == 1
+                             and hasattr(model, "_make_function"))
+
+    def _dispatch(self) -> None:
+        """``model.train_function`` made of two compiled steps, as Keras' own ``make_train_function`` makes one:
+        traced with the activation hooks on steps 1 and every ``activation_every``, without them otherwise. The
+        choice is made in Python from the count of steps run, so neither step holds a cond for it."""
+        model, adapter, every = self.model, self, self.activation_every
+        step_fn = model.train_step  # gradwatch's wrapper (instance attribute)
+
+        def flagged(sampling: bool):
+            def step(*args):  # traced in each replica's thread: the flag is thread-local
+                adapter._local.sampling = sampling
+                try:
+                    return step_fn(*args)
+                finally:
+                    adapter._local.sampling = None
+            return step
+
+        plain, sampled = self._compile_step(flagged(False)), self._compile_step(flagged(True))
+        self._dispatched = self._step
+
+        def pick():
+            adapter._dispatched += 1
+            n = adapter._dispatched
+            return sampled if adapter.active and (n == 1 or n % every == 0) else plain
+
+        model.train_function = self._train_function(pick)
+
+    def _compile_step(self, step: Any) -> Any:
+        return self.model._make_function(step)
+
+    def _train_function(self, pick: Any) -> Any:
+        return lambda iterator: pick()(iterator)
 
     def _wrap_step_and_layers(self, train_step: Any, make_call: Any) -> None:
         """Put ``train_step`` on the model instance and ``make_call(target)`` as the ``call`` of each watched

@@ -121,43 +121,17 @@ class KerasJaxAdapter(KerasAdapter):
             model.__dict__["compute_loss"] = compute_loss
         self._sampled_fit = model.jit_compile and not model.run_eagerly
 
-    def install(self, *, defer_unbuilt: bool = False) -> None:
-        super().install(defer_unbuilt=defer_unbuilt)
-        if getattr(self, "_sampled_fit", False) and self._installed_on is not None:
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        """``model.train_function`` made of two jitted steps (as Keras' own ``make_train_function`` makes one):
-        traced with the activation hooks on steps 1 and every ``activation_every``, without them otherwise. The
-        choice is made in Python from the count of steps run, so neither step holds a cond or a callback."""
+    def _compile_step(self, step: Any) -> Any:
         import jax
         from keras.src.distribution import distribution_lib
 
-        model, adapter, every = self.model, self, self.activation_every
         shardings = None
         if distribution_lib.distribution() is not None:
-            shardings = (None, model._get_state_sharding_spec())
-        step_fn = model.train_step  # gradwatch's wrapper (instance attribute)
+            shardings = (None, self.model._get_state_sharding_spec())
+        return jax.jit(step, donate_argnums=0, out_shardings=shardings)
 
-        def traced(sampling: bool):
-            def step(state, data):
-                adapter._local.sampling = sampling
-                try:
-                    return step_fn(state, data)
-                finally:
-                    adapter._local.sampling = None
-            return jax.jit(step, donate_argnums=0, out_shardings=shardings)
-
-        plain, sampled = traced(False), traced(True)
-        self._dispatched = self._step
-
-        def one_step(state, data):
-            adapter._dispatched += 1
-            n = adapter._dispatched
-            live = adapter.active and (n == 1 or n % every == 0)
-            return (sampled if live else plain)(state, data)
-
-        model.train_function = model._make_function(one_step)
+    def _train_function(self, pick: Any) -> Any:
+        return self.model._make_function(lambda state, data: pick()(state, data))
 
     def _send_activations(self, sample, step) -> None:
         """In the sampled step, once the watched layers have run: every kept output's figures, to the host in one
