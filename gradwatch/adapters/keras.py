@@ -380,10 +380,8 @@ class KerasAdapter(Adapter):
             if chosen is False:
                 return None
             step = tf.cast(total.read_value(), tf.int64) + 1  # `total` counts the steps already finished
-            if chosen:
-                sample = tf.constant(True)
-            else:  # no _dispatch (steps_per_execution > 1, run_eagerly): the step picks in the graph
-                sample = tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
+            # Without _dispatch (steps_per_execution > 1, run_eagerly) the step picks in the graph.
+            sample = tf.constant(True) if chosen else tf.logical_or(tf.equal(step, 1), tf.equal(step % every, 0))
             return sample, count.read_value() % _ACT_RING, step
 
         begin_guarded = self.guard(begin_sample, "Keras train_step")
