@@ -9,9 +9,11 @@ the callback reads every ``flush_every`` batches. No extra forward or backward p
 With a ``LossScaleOptimizer`` the wrapper sits on the inner optimizer, which only sees unscaled gradients of
 the steps actually applied.
 
-Activations are sampled inside the same compiled step: an instance-level wrapper of ``model.train_step`` marks
-the trace, and instance-level wrappers of the ``call`` of the layers that end in an activation add, on sampled
-steps only (a ``tf.cond``), the saturation, dead-unit, RMS and non-finite figures of their output. For recurrent
+Activations are sampled in ``fit()``'s own steps: an instance-level wrapper of ``model.train_step`` marks the
+trace, and instance-level wrappers of the ``call`` of the layers that end in an activation add the saturation,
+dead-unit, RMS and non-finite figures of their output. Sampled steps run a train function of their own, traced
+with them (:meth:`KerasAdapter._dispatch`); the others run one traced without them. With ``steps_per_execution >
+1`` or ``run_eagerly`` one function picks sampled steps in a ``tf.cond``. For recurrent
 layers an identity with a custom gradient on the layer's input reads the gradient of each time step's input in
 the real backward pass (how fast it fades toward the start of the sequence). :meth:`KerasAdapter.uninstall`
 removes every wrapper and resets the cached train function, so the model saves, reloads and fits again exactly
