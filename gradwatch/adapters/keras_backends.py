@@ -465,15 +465,15 @@ class KerasTorchAdapter(KerasAdapter):
             gs = [g for g, _, _ in have]
             lay, where = layout(have, gs)
             packed = lay.pack(gs, "grad")
-            l2 = packed.norms()
             measured = adapter._count % adapter.update_every == 0
+            l2, mx = packed.norms_and_maxima() if measured and lay.cpu else (packed.norms(), None)
             detail, finite = measured, True
             if lay.cpu:  # reading a CPU value costs no sync: a non-finite gradient is counted at once
                 finite = bool(torch.isfinite(l2).all())
                 detail = measured or not finite
             counts = None
             if detail and lay.cpu:
-                mx = packed.maxima()
+                mx = mx if mx is not None else packed.maxima()
                 counts = mx, torch.zeros_like(mx) if finite else count_nonfinite(gs, l2)
             elif detail:
                 absg = torch._foreach_abs(gs)
@@ -485,7 +485,7 @@ class KerasTorchAdapter(KerasAdapter):
             if measured:
                 weights = [v.value.detach() for _, v, _ in have]
                 store = adapter._scratch(lay, weights, [i for _, _, i in have])
-                before = lay.pack(weights, "before", solo_store=store)
+                before = lay.snapshot(weights, store)
             return step, have, (lay, where), l2, counts, before
 
         @torch.no_grad()
@@ -500,9 +500,7 @@ class KerasTorchAdapter(KerasAdapter):
                 if counts is not None:
                     cols += [(1, counts[0]), (2, counts[1])]
                 if before is not None:
-                    wn = before.norms()
-                    cols += [(3, wn), (4, before.sub_(lay.pack([v.value.detach() for _, v, _ in have],
-                                                               "after")).norms())]
+                    cols += [(3, before.norms), (4, before.update_norms([v.value.detach() for _, v, _ in have]))]
                 for c, values in cols:
                     if where is None:
                         slot[c].copy_(values)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
-from gradwatch.adapters._torch_packed import Layout, Packed, count_nonfinite, sum_of_squares
+from gradwatch.adapters._torch_packed import Layout, Packed, Snapshot, count_nonfinite, sum_of_squares
 from gradwatch.adapters._torch_sharded import ShardPlan, local, squared_norms
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
@@ -184,7 +184,7 @@ class TorchAdapter(Adapter):
         self._dirty = False  # this step's slot of the ring holds something
         self._given = False  # this step's gradients were handed in by collect_gradients()
         self._closure_step = False  # this step runs optimizer.step(closure): gradients exist only after it
-        self._prev: Packed | list[torch.Tensor] | None = None  # the weight snapshot (a list when sharded)
+        self._prev: Snapshot | list[torch.Tensor] | None = None  # the weight snapshot (a list when sharded)
         self._prev_idx: list[int] | None = None
         self._bwd_queued = False
         self._act_rows: list[tuple[int, dict[int, torch.Tensor], dict[int, torch.Tensor]]] = []
@@ -498,20 +498,36 @@ class TorchAdapter(Adapter):
             cols = self._foreach_detail(present, at, l2) if detail else None
         else:
             packed = self._layout(bytes(missing) if missing else b"", present).pack(present, "grad")
+            if packed.layout.cpu:
+                self._grad_stats_host(packed, present, missing, detail)
+                return
             l2 = packed.norms()
-            cols = None
-            if packed.layout.cpu:  # reading a CPU value costs no sync: a non-finite gradient is counted at once
-                finite = bool(torch.isfinite(l2).all())
-                if detail or not finite:
-                    detail, mx = True, packed.maxima()
-                    cols = mx, torch.zeros_like(mx) if finite else count_nonfinite(present, l2)
-            elif detail:
-                cols = self._foreach_detail(present, at, l2)
+            cols = self._foreach_detail(present, at, l2) if detail else None
         l2 = l2.nan_to_num(nan=math.inf, posinf=math.inf)  # there and not finite (NaN marks "no gradient" in a row)
         if not detail:
             self._put(slice(0, 1), missing, l2.to(self._device).unsqueeze(0))
             return
         self._put(slice(0, 3), missing, torch.stack([l2, *cols]).to(self._device))
+
+    def _grad_stats_host(self, packed: Packed, present: list[torch.Tensor], missing: list[bool] | None,
+                         detail: bool) -> None:
+        """:meth:`_grad_stats` on CPU: the kernels write into reused buffers and the figures go into the ring
+        through NumPy views (:meth:`Packed.host_norms`). Reading a CPU value costs no sync, so a non-finite
+        gradient is counted at once."""
+        l2, mx = packed.host_norms(maxima=detail)
+        finite = bool(np.isfinite(l2).all())
+        cols = [l2]
+        if detail or not finite:
+            mx = mx if mx is not None else packed.maxima()
+            counts = torch.zeros_like(mx) if finite else count_nonfinite(present, torch.from_numpy(l2))
+            cols += [mx.numpy(), counts.numpy()]
+        if not finite:
+            l2[np.isnan(l2)] = np.inf  # there and not finite (NaN marks "no gradient" in a row)
+        slot = self._ring.host_slot(len(self._row_steps))
+        self._dirty = True
+        at = slice(None) if missing is None else self._index(missing).numpy()
+        for c, values in enumerate(cols):
+            slot[c, at] = values
 
     def _foreach_detail(self, present: list[torch.Tensor], at: list[int] | None,
                         l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,7 +579,7 @@ class TorchAdapter(Adapter):
                 present[i] = True
             layout = self._layout(b"w" + bytes(present), now)
             store = self._scratch_for([now[k] for k in layout.solo], [idx[k] for k in layout.solo])
-            self._prev = layout.pack(now, "before", solo_store=store)
+            self._prev = layout.snapshot(now, store)
 
     def _update_stats(self) -> None:
         """Write this step's weight-norm and update-norm columns from the snapshot: ``||w_old||``, then the
@@ -575,9 +591,8 @@ class TorchAdapter(Adapter):
         self._prev = None
         now = [local(params[i]) for i in idx]
         with torch.no_grad():
-            if isinstance(prev, Packed):
-                wn = prev.norms()
-                un = prev.sub_(prev.layout.pack(now, "after")).norms()
+            if isinstance(prev, Snapshot):
+                wn, un = prev.norms, prev.update_norms(now)
             else:  # sharded: sums of squares until ShardPlan.reduce
                 wn = squared_norms(prev)
                 torch._foreach_sub_(prev, now)
@@ -910,6 +925,11 @@ class _RowRing:
             self.skipped = torch.cat([self.skipped, torch.zeros(extra, dtype=torch.bool, device=self.device)])
             self.loss = torch.cat([self.loss, torch.full((extra,), float("nan"), device=self.device)])
         return self.values[k]
+
+    def host_slot(self, k: int) -> np.ndarray:
+        """Row ``k`` as a writable NumPy view (a CPU ring only)."""
+        self.slot(k)
+        return self.values.numpy()[k]
 
     def commit(self, k: int, shard: ShardPlan | None, skipped: torch.Tensor | None,
                loss: torch.Tensor | None) -> None:
