@@ -539,6 +539,18 @@ def test_history_memory_is_bounded():
     assert gw.report().step == 400
 
 
+def test_rare_flushes_keep_every_row_without_allocating_the_period_up_front():
+    # 10**8 rows of the statistics ring up front would be gigabytes for this model: it starts small and doubles.
+    model = mlp(2, act=nn.ReLU, init="he")
+    opt = torch.optim.SGD(model.parameters(), lr=0.001)
+    gw = gradwatch.attach(model, opt, reporters=[], flush_every=10**8, strict=True)
+    train(model, opt, tabular(), 300, batch=8)
+    assert gw.adapter._ring.values.shape[0] == 512  # 64 rows, doubled to hold 300
+    gw.detach()
+    assert gw.active is False and gw.history.total_steps == 300 and gw.report().step == 300
+    assert gw.history.steps[0] == 1
+
+
 # -- fail-open and strict ------------------------------------------------------------------------------------
 
 def _break_adapter(gw):

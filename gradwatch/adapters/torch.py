@@ -348,7 +348,9 @@ class TorchAdapter(Adapter):
         self._params = params
         self._modules_by_layer = [modules[m] for m in order]
         self._device = params[0].device
-        self._ring = _RowRing(len(params), self._device, self.flush_every)
+        # Rows of one flush period, the first _RING_ROWS made now: a flush_every of a million must not ask for
+        # a million rows up front (the ring doubles when a period needs more).
+        self._ring = _RowRing(len(params), self._device, min(self.flush_every, _RING_ROWS))
         self._empty = frozenset(i for i, p in enumerate(params) if local(p).numel() == 0)
         self._zero1 = torch.zeros(1, device=self._device)
         self._sparse = {i for i, p in enumerate(params) if _sparse_grad_module(modules[order[players[i]]])}
@@ -905,6 +907,10 @@ def _foreach_max(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return fused(tensors) if fused is not None else torch._foreach_norm(tensors, math.inf)
 
 
+#: Rows a ring holds at first (``flush_every`` if fewer); it doubles as a flush period needs.
+_RING_ROWS = 64
+
+
 class _RowRing:
     """The rows of one flush period, preallocated on the model's device: ``(capacity, 5, P)`` statistics in
     :data:`STAT_NAMES` order (NaN until written), a skipped flag and a loss per row. Each measured step writes its
@@ -917,25 +923,32 @@ class _RowRing:
         self.values = torch.full((max(capacity, 1), len(STAT_NAMES), n_params), float("nan"), device=device)
         self.skipped = torch.zeros(self.values.shape[0], dtype=torch.bool, device=device)
         self.loss = torch.full((self.values.shape[0],), float("nan"), device=device)
+        self._host = self.values.numpy() if device.type == "cpu" else None
 
-    def slot(self, k: int) -> torch.Tensor:
-        if k >= self.values.shape[0]:
+    def _fit(self, k: int) -> None:
+        """Make room for row ``k``: the ring doubles (a drain came late)."""
+        while k >= self.values.shape[0]:
             extra = self.values.shape[0]
             self.values = torch.cat([self.values, torch.full_like(self.values, float("nan"))])
             self.skipped = torch.cat([self.skipped, torch.zeros(extra, dtype=torch.bool, device=self.device)])
             self.loss = torch.cat([self.loss, torch.full((extra,), float("nan"), device=self.device)])
+            if self._host is not None:
+                self._host = self.values.numpy()
+
+    def slot(self, k: int) -> torch.Tensor:
+        self._fit(k)
         return self.values[k]
 
     def host_slot(self, k: int) -> np.ndarray:
-        """Row ``k`` as a writable NumPy view (a CPU ring only)."""
-        self.slot(k)
-        return self.values.numpy()[k]
+        """Row ``k`` as a writable NumPy view (a CPU ring only; no torch call, see :meth:`Packed.host_norms`)."""
+        self._fit(k)
+        return self._host[k]
 
     def commit(self, k: int, shard: ShardPlan | None, skipped: torch.Tensor | None,
                loss: torch.Tensor | None) -> None:
-        slot = self.slot(k)
+        self._fit(k)
         if shard is not None:
-            slot.copy_(shard.reduce(slot))
+            self.values[k].copy_(shard.reduce(self.values[k]))
         if skipped is not None:
             self.skipped[k].copy_(skipped)
         if loss is not None:

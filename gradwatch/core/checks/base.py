@@ -144,9 +144,12 @@ class Voter:
             first = next(s for s, f in votes if f[layers].any())
             ep = self.ledger.open(self.key, self.kind, self.check, first, layers)
         else:
-            for li in np.flatnonzero(on):
-                ep.layers.setdefault(int(li), step)
-            if not any(frac[li] > self.off_fraction for li in ep.layers):
+            held = np.fromiter(ep.layers, dtype=np.int64, count=len(ep.layers))
+            joined = on.copy()
+            joined[held] = False
+            for li in np.flatnonzero(joined).tolist():  # layers that join the open episode, from this step
+                ep.layers[li] = step
+            if not (frac[held] > self.off_fraction).any() and not (frac[joined] > self.off_fraction).any():
                 self.ledger.close(self.key, step)
                 return None
         ep.last_step = step

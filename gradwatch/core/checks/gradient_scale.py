@@ -176,23 +176,28 @@ class GradientScaleCheck(Check):
     def _describe(self, ep: Episode, ev: dict) -> None:
         if "reference_of" not in ev:
             return  # no depth profile on this step: the episode keeps the evidence that showed it
+        # Redone on every step the episode is open, over all its layers (a thousand in a deep model): array math,
+        # then the per-layer dicts in one zip each.
         rms, ur, _ = self.ctx.recent_medians()
         layers = sorted(ep.layers)
+        at = np.asarray(layers, dtype=np.int64)
         names = [self.names[li] for li in layers]
         ref_of = ev["reference_of"]
+        refs = ref_of[at]
         with quiet():
-            decades = {self.names[li]: float(np.log10(rms[ref_of[li]] / rms[li])) for li in layers}
-        worst = max(layers, key=lambda li: abs(decades[self.names[li]]) if np.isfinite(decades[self.names[li]])
-                    else math.inf)
+            dec = np.log10(rms[refs] / rms[at])
+        decades = dict(zip(names, dec.tolist()))
+        # The layer farthest from its reference (the first of equals); one that is not finite is the farthest.
+        worst = layers[int(np.argmax(np.where(np.isfinite(dec), np.abs(dec), np.inf)))]
         wname = self.names[worst]
         ref_i = int(ref_of[worst])
         ref_name, ref_med = self.names[ref_i], float(rms[ref_i])
         ep.evidence = {
-            "layer_grad_rms": {self.names[li]: float(rms[li]) for li in layers},
-            "layer_update_ratio": {self.names[li]: float(ur[li]) for li in layers},
+            "layer_grad_rms": dict(zip(names, rms[at].tolist())),
+            "layer_update_ratio": dict(zip(names, ur[at].tolist())),
             "reference_layer": ref_name, "reference_grad_rms": ref_med,
             "reference_update_ratio": float(ur[ref_i]),
-            "reference_of": {self.names[li]: self.names[int(ref_of[li])] for li in layers},
+            "reference_of": dict(zip(names, [self.names[r] for r in refs.tolist()])),
             "decades_from_reference": decades, "worst_layer": wname, "window_steps": self.t.window,
             "optimizer_adaptive": self.ctx.adaptive,
         }
