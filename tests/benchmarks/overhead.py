@@ -25,18 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    variants = list(rows[0][1])
-    lines = ["| model | " + " | ".join(f"{v} (ms/step)" for v in variants) + " | " +
-             " | ".join(f"{v} overhead" for v in variants[1:]) + " |",
-             "|---" * (1 + 2 * len(variants) - 1) + "|"]
-    for name, t in rows:
-        base = t["plain"]
-        lines.append(f"| {name} | " + " | ".join(f"{t[v] * 1e3:.2f}" for v in variants) + " | " +
-                     " | ".join(f"{(t[v] / base - 1) * 100:+.1f}%" for v in variants[1:]) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--torch", action="store_true", help="PyTorch models (default when neither is given)")
@@ -71,7 +59,7 @@ def main() -> None:
 
         print(keras_cost.table(keras_cost.bench(args.rounds, args.only)))
     if args.frameworks:
-        from tests.benchmarks.frameworks import bench_frameworks
+        from tests.benchmarks.frameworks import bench_frameworks, table
 
         print(table(bench_frameworks(args.rounds, args.steps)))
 
