@@ -580,6 +580,31 @@ def test_every_measures_every_nth_step_of_fit():
         np.testing.assert_allclose([a.grad_rms_trend[i] for i in at], b.grad_rms_trend, rtol=1e-4)
 
 
+@tf_only
+def test_measure_conds_stay_functional_ifs_that_run_the_branch_taken():
+    """gradwatch's conds in the traced step keep TensorFlow from lowering them to Switch/Merge (whose branch not
+    taken is still visited every step), and still give the taken branch's value, in a tf.function as in fit()."""
+    import math
+
+    import tensorflow as tf
+
+    from gradwatch.adapters.keras import _functional_cond
+
+    w = tf.Variable([1.0, -3.0])
+
+    @tf.function
+    def largest(flag):
+        return _functional_cond(flag, lambda: tf.reduce_max(tf.abs(w)), lambda: tf.constant(float("nan")))
+
+    assert float(largest(tf.constant(True))) == 3.0
+    assert math.isnan(float(largest(tf.constant(False))))
+    graph = largest.get_concrete_function(tf.TensorSpec([], tf.bool)).graph
+    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert len(ifs) == 1 and ifs[0].get_attr("_lower_using_switch_merge") is False
+    # Eagerly there is no graph op to keep: the branch runs at once.
+    assert float(_functional_cond(tf.constant(True), lambda: tf.constant(2.0), lambda: tf.constant(0.0))) == 2.0
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's jit_compile")
 def test_torch_backend_jit_compile_judges_gradients_and_says_activations_are_off():
     cb = gradwatch.KerasCallback(reporters=[], activation_every=4)

@@ -4,12 +4,15 @@ Each case trains the same model three times per round: plain, plain again (the h
 gradwatch, in an order that rotates from round to round, and times every optimizer step from the framework's own
 step events after a warm-up. A run's figure is its median step time (the every-step path; the periodic steps
 are in tests/benchmarks/torch_cost.py's amortised means); the table gives plain's median over rounds and each
-variant's ratio to plain in the same round: median (min..max) over rounds. Cases: HF Trainer (BERT, 4 layers,
-hidden 128, from a config) with ``GradwatchCallback``; Lightning (MLP) with its ``GradwatchCallback``; an accelerate
-loop with ``attach(model, accelerated_optimizer)``; ``torch.compile`` (the transformer encoder) with ``attach``;
-DDP and FSDP2 on 2 gloo processes (MLP, 6x512).
+variant's ratio to plain in the same round: median (min..max) over rounds. Beside them, the time spent inside
+gradwatch's own hooks per step (:class:`_Inside`), as a share of plain's step: whole runs one after another differ
+by more than gradwatch costs on a shared machine, and this figure does not depend on them.
 
-Run: python tests/benchmarks/overhead.py --frameworks [--rounds 3]
+Cases: HF Trainer (BERT, 4 layers, hidden 128, from a config) with ``GradwatchCallback``; Lightning (MLP) with its
+``GradwatchCallback``; an accelerate loop with ``attach(model, accelerated_optimizer)``; ``torch.compile`` (the
+transformer encoder) with ``attach``; DDP and FSDP2 on 2 gloo processes (MLP, 6x512).
+
+Run: python tests/benchmarks/overhead.py --frameworks [--rounds 5]
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class _Steps:
     def __init__(self) -> None:
         self.times: list[float] = []
         self.inside: list[tuple[float, float]] = []
-        self._t = 0.0
+        self._t = self._inside = 0.0
 
     def begin(self) -> None:
         self._t = time.perf_counter()
@@ -106,7 +109,7 @@ def _rounds(rounds: int, run) -> dict[str, list[float]]:
     return times
 
 
-def hf_trainer(rounds: int, steps: int) -> dict[str, float]:
+def hf_trainer(rounds: int, steps: int) -> dict[str, list[float]]:
     import torch
     import transformers
     from gradwatch.integrations.transformers import GradwatchCallback
@@ -147,7 +150,7 @@ def hf_trainer(rounds: int, steps: int) -> dict[str, float]:
     return _rounds(rounds, run)
 
 
-def lightning(rounds: int, steps: int) -> dict[str, float]:
+def lightning(rounds: int, steps: int) -> dict[str, list[float]]:
     import lightning.pytorch as L
     import torch
     from gradwatch.integrations.lightning import GradwatchCallback
@@ -208,7 +211,7 @@ def _loop(rounds: int, steps: int, make, attach_to) -> dict[str, list[float]]:
     return _rounds(rounds, run)
 
 
-def accelerate_loop(rounds: int, steps: int) -> dict[str, float]:
+def accelerate_loop(rounds: int, steps: int) -> dict[str, list[float]]:
     import accelerate
     import torch
     from torch import nn
@@ -231,7 +234,7 @@ def accelerate_loop(rounds: int, steps: int) -> dict[str, float]:
     return _loop(rounds, steps, make, lambda m, o: gradwatch.attach(m, o, reporters=[]))
 
 
-def compiled(rounds: int, steps: int) -> dict[str, float]:
+def compiled(rounds: int, steps: int) -> dict[str, list[float]]:
     import torch
     from torch.nn import functional as F
 
@@ -255,7 +258,7 @@ def compiled(rounds: int, steps: int) -> dict[str, float]:
     return _loop(rounds, steps, make, lambda m, o: gradwatch.attach(make.net, o, reporters=[]))
 
 
-def distributed_case(mode: str, rounds: int, steps: int) -> dict[str, float]:
+def distributed_case(mode: str, rounds: int, steps: int) -> dict[str, list[float]]:
     from tests.fixtures import distributed
 
     def run(variant: str) -> tuple[float, float]:
