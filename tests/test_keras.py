@@ -581,28 +581,38 @@ def test_every_measures_every_nth_step_of_fit():
 
 
 @tf_only
-def test_measure_conds_stay_functional_ifs_that_run_the_branch_taken():
-    """gradwatch's conds in the traced step keep TensorFlow from lowering them to Switch/Merge (whose branch not
-    taken is still visited every step), and still give the taken branch's value, in a tf.function as in fit()."""
-    import math
-
+def test_measure_conds_in_fit_stay_functional_ifs_and_still_measure(monkeypatch):
+    """In a real fit(), gradwatch's conds in the traced steps are functional If ops, which TensorFlow does not lower
+    to Switch/Merge (whose branch not taken is still visited every step), and what they gate still arrives: max |g|
+    and the update norms on the measure steps (1 and 11 of 16), NaN on the others."""
     import tensorflow as tf
 
-    from gradwatch.adapters.keras import _functional_cond
+    import gradwatch.adapters.keras as keras_adapter
+    from gradwatch.core.stats import GRAD_MAX, GRAD_NORM, UPDATE_NORM
 
-    w = tf.Variable([1.0, -3.0])
+    made = []
+    real = keras_adapter._functional_cond
 
-    @tf.function
-    def largest(flag):
-        return _functional_cond(flag, lambda: tf.reduce_max(tf.abs(w)), lambda: tf.constant(float("nan")))
+    def recording(pred, true_fn, false_fn):
+        graph = tf.compat.v1.get_default_graph()
+        before = len(graph.get_operations())
+        out = real(pred, true_fn, false_fn)
+        made.extend(op for op in graph.get_operations()[before:] if op.type in ("If", "StatelessIf"))
+        return out
 
-    assert float(largest(tf.constant(True))) == 3.0
-    assert math.isnan(float(largest(tf.constant(False))))
-    graph = largest.get_concrete_function(tf.TensorSpec([], tf.bool)).graph
-    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
-    assert len(ifs) == 1 and ifs[0].get_attr("_lower_using_switch_merge") is False
-    # Eagerly there is no graph op to keep: the branch runs at once.
-    assert float(_functional_cond(tf.constant(True), lambda: tf.constant(2.0), lambda: tf.constant(0.0))) == 2.0
+    monkeypatch.setattr(keras_adapter, "_functional_cond", recording)
+    cb = gradwatch.KerasCallback(reporters=[])
+    fit(mlp("tanh", depth=4), cb, epochs=2)
+    assert len(made) >= 3  # max |g|, the weights before the update, the update norms: in each traced step
+    assert all(op.get_attr("_lower_using_switch_merge") is False for op in made)
+    history = cb.watcher.history
+    measured = np.isin(history.steps, [1, 11])
+    values = history.values
+    assert list(history.steps) == list(range(1, 17))
+    assert np.isfinite(values[:, :, GRAD_NORM]).all()
+    for col in (GRAD_MAX, UPDATE_NORM):
+        assert np.isfinite(values[measured][:, :, col]).all() and (values[measured][:, :, col] > 0).all()
+        assert np.isnan(values[~measured][:, :, col]).all()
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's jit_compile")

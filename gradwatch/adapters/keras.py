@@ -770,11 +770,11 @@ def _functional_cond(pred, true_fn, false_fn) -> Any:
     """
     import tensorflow as tf
 
+    if tf.executing_eagerly():  # no graph op to keep: the branch runs at once
+        return tf.cond(pred, true_fn, false_fn)
     graph = tf.compat.v1.get_default_graph()
     made = len(graph.get_operations())
     out = tf.cond(pred, true_fn, false_fn)
-    if tf.executing_eagerly():
-        return out
     try:
         from tensorflow.core.framework import attr_value_pb2
 
