@@ -6,6 +6,7 @@ own processes (``KERAS_BACKEND`` is fixed at import), started by ``tests/test_ke
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -578,6 +579,49 @@ def test_every_measures_every_nth_step_of_fit():
     at = [full.trend_steps.index(s) for s in sparse.trend_steps]
     for a, b in zip(full.layers, sparse.layers):
         np.testing.assert_allclose([a.grad_rms_trend[i] for i in at], b.grad_rms_trend, rtol=1e-4)
+
+
+def test_callback_keeps_fits_asynchronous_dispatch_and_records_the_same_steps_and_losses():
+    """On JAX and torch Keras runs batch-end hooks in a worker thread unless a callback vetoes it; gradwatch does not
+    (a hook on fit()'s thread waits for every step). Its batch-ends then run off fit()'s thread, and a fit with a
+    flush every 7 steps (drains while losses are still on their way) records the same steps, figures and losses
+    as a fit that another callback keeps synchronous. TensorFlow's Keras is always synchronous."""
+
+    class Spy(gradwatch.KerasCallback):
+        def on_train_begin(self, logs=None):
+            self.threads = {"fit": threading.get_ident(), "batch_end": set()}
+            super().on_train_begin(logs)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.threads["batch_end"].add(threading.get_ident())
+            super().on_train_batch_end(batch, logs)
+
+    class Veto(keras.callbacks.Callback):  # a batch-end hook not marked async-safe: Keras stays synchronous
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    x, y = data(n=480)
+    runs = {}
+    for name, extra in (("async", []), ("sync", [Veto()])):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Reshape((5, 4)), keras.layers.SimpleRNN(16),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+        cb = Spy(reporters=[], flush_every=7)
+        model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[cb, *extra])
+        h = cb.watcher.history
+        runs[name] = (cb.threads, h.steps, h.values, h.extra("loss"), cb.report())
+    (t_async, *a, rep_a), (t_sync, *s, rep_s) = runs["async"], runs["sync"]
+    assert t_sync["batch_end"] == {t_sync["fit"]}
+    if BACKEND == "tensorflow":
+        assert t_async["batch_end"] == {t_async["fit"]}
+    else:
+        assert t_async["fit"] not in t_async["batch_end"]
+    assert rep_a.step == rep_s.step == 90 and a[0].tolist() == list(range(1, 91))
+    assert np.isfinite(a[2]).all() and np.isfinite(s[2]).all()  # every step's loss, the last of each flush too
+    for got, want in zip(a, s):
+        np.testing.assert_array_equal(got, want)
+    assert [f.kind for f in rep_a.findings] == [f.kind for f in rep_s.findings]
 
 
 @tf_only

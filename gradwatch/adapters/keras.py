@@ -157,6 +157,9 @@ class KerasAdapter(Adapter):
         self._step_at_install = 0
         self._silent_noted = False
         self._losses: dict[int, Any] = {}  # step -> the loss fit() logged for it, until the next drain
+        # Set by KerasCallback: at a drain, ``loss_barrier(last step)`` gives the losses of steps whose batch-end
+        # ran in a Keras worker thread after the step was handled (fit()'s asynchronous dispatch).
+        self.loss_barrier: Any = None
 
     @property
     def model_type(self) -> str:
@@ -712,6 +715,8 @@ class KerasAdapter(Adapter):
         full[np.searchsorted(steps, applied[keep])] = values[keep]
         skipped = ~np.isin(steps, applied[keep])
         self._step = total
+        if self.loss_barrier is not None:
+            self._losses.update(self.loss_barrier(total))
         losses = np.asarray([float(np.asarray(self._losses[s])) if s in self._losses else np.nan for s in steps])
         self._losses = {s: v for s, v in self._losses.items() if s > total}
         extras = {"loss": losses} if np.isfinite(losses).any() else {}

@@ -437,14 +437,16 @@ class KerasTorchAdapter(KerasAdapter):
         p, adapter = self._table.n_params, self
         f32 = torch.float32
 
-        def layout(have: list, tensors: list) -> tuple[Any, Any]:
-            """The packed layout of this pattern of gradients, and where its columns go in a row (made once)."""
+        def layout(have: list, tensors: list) -> tuple[Any, Any, Any]:
+            """The packed layout of this pattern of gradients, and where its columns go in a row (a tensor on the
+            device and a NumPy index; made once)."""
             key = tuple(i for _, _, i in have)
             made = adapter._layouts.get(key)
             if made is None:
                 device = tensors[0].device
                 where = None if list(key) == list(range(p)) else torch.tensor(key, device=device)
-                made = Layout(tensors, device, grouped=len(adapter._layouts) < 16), where
+                made = Layout(tensors, device, grouped=len(adapter._layouts) < 16), where, \
+                    slice(None) if where is None else np.asarray(key)
                 if len(adapter._layouts) < 16:
                     adapter._layouts[key] = made
             return made
@@ -463,49 +465,61 @@ class KerasTorchAdapter(KerasAdapter):
             if not have:
                 return step, have, None, None, None, None
             gs = [g for g, _, _ in have]
-            lay, where = layout(have, gs)
+            lay, where, where_np = layout(have, gs)
             packed = lay.pack(gs, "grad")
             measured = adapter._count % adapter.update_every == 0
-            l2, mx = packed.norms_and_maxima() if measured and lay.cpu else (packed.norms(), None)
-            detail, finite = measured, True
-            if lay.cpu:  # reading a CPU value costs no sync: a non-finite gradient is counted at once
-                finite = bool(torch.isfinite(l2).all())
-                detail = measured or not finite
             counts = None
-            if detail and lay.cpu:
-                mx = mx if mx is not None else packed.maxima()
-                counts = mx, torch.zeros_like(mx) if finite else count_nonfinite(gs, l2)
-            elif detail:
-                absg = torch._foreach_abs(gs)
-                mx = torch.stack(_foreach_max(absg)).to(f32)
-                torch._foreach_mul_(absg, 0.0)
-                counts = mx, torch.stack(torch._foreach_norm(absg, 0, dtype=f32))
-            l2 = l2.nan_to_num(nan=math.inf, posinf=math.inf)  # there and not finite (NaN marks "no gradient")
+            if lay.cpu:  # the PyTorch adapter's host path: NumPy views, no torch call on a handful of values
+                l2, mx = packed.host_norms(maxima=measured)
+                l2 = l2.copy()  # the layout's buffer, which the next step reuses
+                finite = bool(np.isfinite(l2).all())  # reading a CPU value costs no sync: counted at once
+                if measured or not finite:
+                    mx = mx if mx is not None else packed.maxima()
+                    counts = mx.numpy(), np.zeros(len(l2), np.float32) if finite else \
+                        count_nonfinite(gs, torch.from_numpy(l2)).numpy()
+                l2[np.isnan(l2)] = np.inf  # there and not finite (NaN marks "no gradient")
+            else:
+                l2 = packed.norms()
+                if measured:
+                    absg = torch._foreach_abs(gs)
+                    mx = torch.stack(_foreach_max(absg)).to(f32)
+                    torch._foreach_mul_(absg, 0.0)
+                    counts = mx, torch.stack(torch._foreach_norm(absg, 0, dtype=f32))
+                l2 = l2.nan_to_num(nan=math.inf, posinf=math.inf)  # there and not finite
             before = None
             if measured:
                 weights = [v.value.detach() for _, v, _ in have]
                 store = adapter._scratch(lay, weights, [i for _, _, i in have])
                 before = lay.snapshot(weights, store)
-            return step, have, (lay, where), l2, counts, before
+            return step, have, (lay, where, where_np), l2, counts, before
 
         @torch.no_grad()
         def record(step, have, plan, l2, counts, before):
             if adapter._ring is None:
-                device = l2.device if l2 is not None else torch.device("cpu")
+                device = l2.device if isinstance(l2, torch.Tensor) else torch.device("cpu")
                 adapter._ring = _RowRing(p, device, 32)  # it doubles if a drain comes later
-            slot = adapter._ring.slot(len(adapter._row_steps))
+            k = len(adapter._row_steps)
             if l2 is not None:
-                lay, where = plan
+                lay, where, where_np = plan
                 cols = [(0, l2)]
                 if counts is not None:
                     cols += [(1, counts[0]), (2, counts[1])]
                 if before is not None:
                     cols += [(3, before.norms), (4, before.update_norms([v.value.detach() for _, v, _ in have]))]
-                for c, values in cols:
-                    if where is None:
-                        slot[c].copy_(values)
-                    else:
-                        slot[c].index_copy_(0, where, values.to(slot.dtype))
+                if lay.cpu and adapter._ring.device.type == "cpu":
+                    slot = adapter._ring.host_slot(k)
+                    for c, values in cols:
+                        slot[c, where_np] = values.numpy() if isinstance(values, torch.Tensor) else values
+                else:
+                    slot = adapter._ring.slot(k)
+                    for c, values in cols:
+                        values = torch.as_tensor(values, device=slot.device)
+                        if where is None:
+                            slot[c].copy_(values)
+                        else:
+                            slot[c].index_copy_(0, where, values.to(slot.dtype))
+            else:
+                adapter._ring.slot(k)  # the ring makes room for the row (NaN: no gradient this step)
             adapter._row_steps.append(step)
             adapter._count += 1
 

@@ -25,6 +25,15 @@ LSTM: torch's thread pools per Python thread): there each variant's ``train_step
 step at a time, with its callbacks' batch and epoch hooks called around it as ``fit()`` calls them.
 
 Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5]
+
+The timer above reads each step's loss back in ``on_train_batch_end``, which also makes Keras call every batch-end
+hook on ``fit()``'s thread. A ``verbose=0`` fit with no such hook runs them in a worker thread instead (JAX and
+torch; TensorFlow's Keras is always synchronous), and fit() dispatches the next step without waiting for the
+last. ``--keras-async`` measures that: each variant (plain, plain again, gradwatch, gradwatch with a batch-end hook)
+runs a ``verbose=0`` fit in a thread of its own, and the threads take turns epoch by epoch (the order rotating),
+timed by callbacks with epoch hooks only. The figure is the mean step time of each epoch after the first, as a ratio
+to plain's same epoch: median (min..max) over epochs. The batch-end hook is a callback whose ``on_train_batch_end``
+is not marked async-safe (as the progress bar's at ``verbose=1``): Keras then stays synchronous.
 """
 
 from __future__ import annotations
@@ -172,6 +181,20 @@ def _starter(name: str, turns: _Turns, timer):
     return Starter()
 
 
+def _warmed(only: str):
+    """``(label, model, its initial weights, (x, y, loss, batch size))`` per model whose label holds ``only``, once the
+    model has fit two batches: the first trace in a process pays the backend's own warm-up, not any variant's."""
+    import keras
+
+    for label, make in models(STEPS).items():
+        if only.lower() in label.lower():
+            model, x, y, loss, bs = make()
+            weights = model.get_weights()
+            model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+            model.fit(x[:bs * 2], y[:bs * 2], batch_size=bs, verbose=0)
+            yield label, model, weights, (x, y, loss, bs)
+
+
 def bench(rounds: int, only: str = "") -> list[dict]:
     import keras
 
@@ -188,47 +211,116 @@ def bench(rounds: int, only: str = "") -> list[dict]:
         variants["TensorBoard(histogram_freq=1)"] = lambda: [keras.callbacks.TensorBoard(
             log_dir=tempfile.mkdtemp(), histogram_freq=1)]
     rows = []
-    for label, make in models(STEPS).items():
-        if only.lower() not in label.lower():
-            continue
-        model, x, y, loss, bs = make()
-        weights = model.get_weights()
-        # The first trace in a process pays the backend's own warm-up: not any variant's.
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
-        model.fit(x[:bs * 2], y[:bs * 2], batch_size=bs, verbose=0)
+    for label, model, weights, (x, y, loss, bs) in _warmed(only):
         if backend == "torch":
             rows.append(_eager(label, backend, weights, model, x, y, loss, bs, variants, rounds))
             continue
         names = list(variants)
         turns = _Turns(names)
-        timers, errors, threads = {}, [], []
-        for v in names:
-            keras.utils.set_random_seed(0)
-            m = keras.models.clone_model(model)
-            m.set_weights(weights)
-            m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
-            timers[v] = timer = _timer(v, turns, STEPS, rounds + 1)
-            cbs = [_starter(v, turns, timer), *variants[v](), timer]
-
-            def run(m=m, cbs=cbs, v=v):
-                try:
-                    m.fit(x, y, batch_size=bs, epochs=rounds + 1, verbose=0, shuffle=False, callbacks=cbs)
-                except BaseException as exc:  # noqa: BLE001 - reported after the others finish
-                    errors.append((v, exc))
-                finally:
-                    turns.passed(v, finished=True)
-
-            threads.append(threading.Thread(target=run, name=v))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise RuntimeError(f"{label}: {errors}")
+        timers = {v: _timer(v, turns, STEPS, rounds + 1) for v in names}
+        _fit_in_turns(label, model, weights, (x, y, loss, bs), rounds + 1, turns,
+                      {v: lambda v=v: [_starter(v, turns, timers[v]), *variants[v](), timers[v]] for v in names})
         epochs = {v: timers[v].epochs for v in names}
         first = {v: timers[v].first + sum(epochs[v][0][1:]) for v in names}  # on_train_begin to the epoch's end
         rows.append(_row(label, backend, epochs, first))
     return rows
+
+
+def bench_async(rounds: int, only: str = "") -> list[dict]:
+    import keras
+
+    import gradwatch
+
+    class Hook(keras.callbacks.Callback):  # a batch-end hook not marked async-safe, as ProgbarLogger's (verbose=1)
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    variants: dict[str, Callable[[], list]] = {
+        "plain": lambda: [], "plain, again": lambda: [],
+        "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
+        "gradwatch + a batch-end hook (synchronous)": lambda: [gradwatch.KerasCallback(reporters=[]), Hook()]}
+    rows = []
+    for label, model, weights, (x, y, loss, bs) in _warmed(only):
+        names = list(variants)
+        turns = _Turns(names)
+        epochs: dict[str, list[float]] = {v: [] for v in names}
+        _fit_in_turns(label, model, weights, (x, y, loss, bs), rounds + 1, turns,
+                      {v: lambda v=v: [_epoch_turns(v, turns, rounds + 1, epochs[v], first=True), *variants[v](),
+                                       _epoch_turns(v, turns, rounds + 1, epochs[v], first=False)]
+                       for v in names})
+        means = {v: [e / STEPS for e in epochs[v][1:]] for v in names}  # the first epoch holds the fit start
+        ratios = {v: [a / p - 1 for a, p in zip(means[v], means["plain"])] for v in names[1:]}
+        rows.append({"model": f"{label} ({keras.backend.backend()}, verbose=0)",
+                     "plain_ms": statistics.median(means["plain"]) * 1e3,
+                     "overhead": {v: (statistics.median(q), min(q), max(q)) for v, q in ratios.items()}})
+    return rows
+
+
+def _fit_in_turns(label: str, model, weights, fit_data: tuple, epochs: int, turns: _Turns,
+                  callbacks: dict[str, Callable[[], list]]) -> None:
+    """Each variant's copy of ``model`` (the same weights, an optimizer of its own) fit()s in a thread of its own
+    with the callbacks ``callbacks[variant]()`` makes, which take the turns."""
+    import keras
+
+    x, y, loss, bs = fit_data
+    errors, threads = [], []
+    for v, make in callbacks.items():
+        keras.utils.set_random_seed(0)
+        m = keras.models.clone_model(model)
+        m.set_weights(weights)
+        m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        cbs = make()
+
+        def run(m=m, cbs=cbs, v=v):
+            try:
+                m.fit(x, y, batch_size=bs, epochs=epochs, verbose=0, shuffle=False, callbacks=cbs)
+            except BaseException as exc:  # noqa: BLE001 - reported after the others finish
+                errors.append((v, exc))
+            finally:
+                turns.passed(v, finished=True)
+
+        threads.append(threading.Thread(target=run, name=v))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{label}: {errors}")
+
+
+def _epoch_turns(name: str, turns: _Turns, epochs: int, times: list[float], first: bool):
+    """Epoch hooks only (fit() stays asynchronous): first in the list, it waits for the turn and starts the clock;
+    last, it stops the clock once every callback's ``on_epoch_end`` ran and passes the turn on."""
+    import keras
+
+    class EpochTurns(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if first:
+                turns.arrive(name)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if first:
+                if epoch:
+                    turns.wait(name)
+                times.append(-time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not first:
+                times[-1] += time.perf_counter()
+                if epoch + 1 < epochs:
+                    turns.passed(name)
+
+    return EpochTurns()
+
+
+def table_async(rows: list[dict]) -> str:
+    variants = list(rows[0]["overhead"])
+    head = "| model | plain ms/step | " + " | ".join(variants) + " |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [f"{m * 100:+.1f}% ({lo * 100:+.1f}..{hi * 100:+.1f})" for m, lo, hi in r["overhead"].values()]
+        lines.append(f"| {r['model']} | {r['plain_ms']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _row(label: str, backend: str, epochs: dict[str, list[list[float]]], first: dict[str, float]) -> dict:

@@ -9,7 +9,7 @@ and an LSTM, ``fit()`` plain, with ``gradwatch.KerasCallback`` and with ``keras.
 histogram_freq=1)``. GPU: tests/benchmarks/gpu.py.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
-[--keras-backend jax|torch]] [--keras-backends] [--frameworks] [--rounds 3]
+[--keras-backend jax|torch]] [--keras-backends] [--keras-async --keras-backend jax|torch] [--frameworks] [--rounds 3]
 Prints Markdown tables.
 """
 
@@ -33,6 +33,9 @@ def main() -> None:
                     help="HF Trainer, Lightning, accelerate, torch.compile, DDP, FSDP2 (benchmarks/frameworks.py)")
     ap.add_argument("--keras-backend", choices=("tensorflow", "jax", "torch"),
                     help="with --keras: the Keras backend (default: $KERAS_BACKEND or tensorflow)")
+    ap.add_argument("--keras-async", action="store_true",
+                    help="with --keras-backend jax|torch: verbose=0 fits, whose batch-end hooks Keras runs in a "
+                         "worker thread (keras_cost.bench_async)")
     ap.add_argument("--keras-backends", action="store_true",
                     help="--keras on TensorFlow, JAX and torch, each in its own process (fixed at import)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
@@ -48,6 +51,11 @@ def main() -> None:
         return
     if args.keras_backend:
         os.environ["KERAS_BACKEND"] = args.keras_backend
+    if args.keras_async:
+        from tests.benchmarks import keras_cost
+
+        print(keras_cost.table_async(keras_cost.bench_async(args.rounds, args.only)))
+        return
     if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
     if args.torch:
