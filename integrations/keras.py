@@ -70,7 +70,7 @@ class KerasCallback(keras.callbacks.Callback):
         self._first_epoch: int | None = None
         self._fit_thread: int | None = None
         self._open: int | None = None  # the batch begun on fit()'s thread and not yet handled
-        self._losses = threading.Condition()
+        self._arrival = threading.Condition()  # guards _arrived and _in_flight; notified as a loss arrives
         self._arrived: dict[int, Any] = {}  # batch (of this epoch) -> its loss, from Keras' batch-end workers
         self._in_flight: dict[int, int] = {}  # step -> batch, of batches handled before their batch-end worker ran
 
@@ -112,16 +112,16 @@ class KerasCallback(keras.callbacks.Callback):
             self._open = None
             self._handle(batch, loss)
             return
-        with self._losses:  # a Keras worker thread: fit() may have gone on to the next batch
+        with self._arrival:  # a Keras worker thread: fit() may have gone on to the next batch
             self._arrived[batch] = loss
-            self._losses.notify_all()
+            self._arrival.notify_all()
 
     def _end_open(self, last: int) -> None:
         """Handle the batch begun last, which ended at ``last``, when its batch-end ran off fit()'s thread."""
         if self._open is None:
             return
         self._open = None
-        with self._losses:
+        with self._arrival:
             arrived = last in self._arrived
             loss = self._arrived.pop(last, None)
             step = self._step_of(last)
@@ -136,9 +136,9 @@ class KerasCallback(keras.callbacks.Callback):
     def _await_losses(self, upto: int) -> dict[int, Any]:
         """At a drain, on fit()'s thread: the losses of the steps up to ``upto`` handled before their batch-end
         worker ran (each reads its step's loss back as the step finishes, which the drain waits for anyway)."""
-        with self._losses:
+        with self._arrival:
             waiting = {s: b for s, b in self._in_flight.items() if s <= upto}
-            self._losses.wait_for(lambda: all(b in self._arrived for b in waiting.values()), timeout=_LOSS_WAIT_S)
+            self._arrival.wait_for(lambda: all(b in self._arrived for b in waiting.values()), timeout=_LOSS_WAIT_S)
             for s in waiting:
                 del self._in_flight[s]
             return {s: self._arrived.pop(b) for s, b in waiting.items() if b in self._arrived}
@@ -147,7 +147,7 @@ class KerasCallback(keras.callbacks.Callback):
         if self._first_epoch is None:  # fit(initial_epoch=k) numbers epochs from k; steps count from this fit
             self._first_epoch = epoch
         self._epoch = epoch - self._first_epoch
-        with self._losses:  # batches number from 0 again; Keras waited for the last epoch's workers
+        with self._arrival:  # batches number from 0 again; Keras waited for the last epoch's workers
             self._arrived.clear()
             self._in_flight.clear()
         if self._watcher is not None and epoch > 0:
@@ -157,7 +157,7 @@ class KerasCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         # Keras has waited for every batch-end worker of the epoch: the last batch's end is in _arrived.
-        with self._losses:
+        with self._arrival:
             last = max(self._arrived, default=self._open)
         if last is not None:
             self._end_open(last)

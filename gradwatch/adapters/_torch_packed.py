@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["Layout", "Packed", "Snapshot", "count_nonfinite", "sum_of_squares"]
+__all__ = ["Layout", "Packed", "Snapshot", "count_nonfinite", "host_grad_columns", "sum_of_squares"]
 
 #: Tensors under this many elements are packed (``cat``) with the others of their shape. Around 4K elements a
 #: tensor's own kernel launch (~3 us) costs about what copying it costs; below, packing wins.
@@ -99,11 +99,6 @@ class Packed:
         largest = [_largest(torch.stack(lo), torch.stack(hi))] if self.solo else []
         largest += [_largest(*torch.aminmax(r, dim=1)) for r in self.rows]
         return host, lay.arrange(largest)
-
-    def norms_and_maxima(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """CPU only: the L2 norms and the max |x| of each tensor (:meth:`host_norms` as tensors)."""
-        host, largest = self.host_norms(maxima=True)
-        return torch.from_numpy(host.copy()), largest
 
     def maxima(self) -> torch.Tensor:
         """The max |x| of each tensor (NaN where it holds a NaN; 0 for an empty one), CPU only."""
@@ -287,3 +282,20 @@ def count_nonfinite(tensors: Sequence[torch.Tensor], norms: torch.Tensor) -> tor
         t = tensors[i]
         counts[i] = float(torch.count_nonzero(t - t))  # t - t is NaN exactly where t is inf or NaN
     return counts
+
+
+def host_grad_columns(packed: Packed, tensors: Sequence[torch.Tensor], detail: bool) -> list[np.ndarray]:
+    """CPU: the gradient columns of a row as NumPy arrays, in the layout's order: ``[L2 norm]``, and on ``detail``
+    steps or when a norm is not finite (reading a CPU value costs no sync: it is counted at once) ``[L2 norm, max
+    |g|, non-finite count]``. A NaN norm becomes +inf: the gradient is there and not finite (NaN in a row means "no
+    gradient"). The L2 array is the layout's buffer (:meth:`Packed.host_norms`), valid until its next call."""
+    l2, mx = packed.host_norms(maxima=detail)
+    finite = bool(np.isfinite(l2).all())
+    cols = [l2]
+    if detail or not finite:
+        mx = mx if mx is not None else packed.maxima()
+        counts = torch.zeros_like(mx) if finite else count_nonfinite(tensors, torch.from_numpy(l2))
+        cols += [mx.numpy(), counts.numpy()]
+    if not finite:
+        l2[np.isnan(l2)] = np.inf
+    return cols

@@ -429,7 +429,7 @@ class KerasTorchAdapter(KerasAdapter):
     def _wrap_apply(self, inner: Any, outer: Any) -> None:
         import torch
 
-        from gradwatch.adapters._torch_packed import Layout, count_nonfinite
+        from gradwatch.adapters._torch_packed import Layout, host_grad_columns
         from gradwatch.adapters.torch import _foreach_max, _RowRing
 
         self._index = {id(v): i for i, v in enumerate(self._vars)}
@@ -470,14 +470,8 @@ class KerasTorchAdapter(KerasAdapter):
             measured = adapter._count % adapter.update_every == 0
             counts = None
             if lay.cpu:  # the PyTorch adapter's host path: NumPy views, no torch call on a handful of values
-                l2, mx = packed.host_norms(maxima=measured)
-                l2 = l2.copy()  # the layout's buffer, which the next step reuses
-                finite = bool(np.isfinite(l2).all())  # reading a CPU value costs no sync: counted at once
-                if measured or not finite:
-                    mx = mx if mx is not None else packed.maxima()
-                    counts = mx.numpy(), np.zeros(len(l2), np.float32) if finite else \
-                        count_nonfinite(gs, torch.from_numpy(l2)).numpy()
-                l2[np.isnan(l2)] = np.inf  # there and not finite (NaN marks "no gradient")
+                l2, *more = host_grad_columns(packed, gs, measured)
+                counts = tuple(more) or None
             else:
                 l2 = packed.norms()
                 if measured:

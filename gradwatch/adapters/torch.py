@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
-from gradwatch.adapters._torch_packed import Layout, Packed, Snapshot, count_nonfinite, sum_of_squares
+from gradwatch.adapters._torch_packed import Layout, Packed, Snapshot, host_grad_columns, sum_of_squares
 from gradwatch.adapters._torch_sharded import ShardPlan, local, squared_norms
 from gradwatch.adapters._torch_structure import ACTIVATION_MODULES, classify, read_structure
 from gradwatch.adapters.base import Adapter, Sink
@@ -516,15 +516,7 @@ class TorchAdapter(Adapter):
         """:meth:`_grad_stats` on CPU: the kernels write into reused buffers and the figures go into the ring
         through NumPy views (:meth:`Packed.host_norms`). Reading a CPU value costs no sync, so a non-finite
         gradient is counted at once."""
-        l2, mx = packed.host_norms(maxima=detail)
-        finite = bool(np.isfinite(l2).all())
-        cols = [l2]
-        if detail or not finite:
-            mx = mx if mx is not None else packed.maxima()
-            counts = torch.zeros_like(mx) if finite else count_nonfinite(present, torch.from_numpy(l2))
-            cols += [mx.numpy(), counts.numpy()]
-        if not finite:
-            l2[np.isnan(l2)] = np.inf  # there and not finite (NaN marks "no gradient" in a row)
+        cols = host_grad_columns(packed, present, detail)
         slot = self._ring.host_slot(len(self._row_steps))
         self._dirty = True
         at = slice(None) if missing is None else self._index(missing).numpy()

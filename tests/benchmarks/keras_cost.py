@@ -249,10 +249,7 @@ def bench_async(rounds: int, only: str = "") -> list[dict]:
                                        _epoch_turns(v, turns, rounds + 1, epochs[v], first=False)]
                        for v in names})
         means = {v: [e / STEPS for e in epochs[v][1:]] for v in names}  # the first epoch holds the fit start
-        ratios = {v: [a / p - 1 for a, p in zip(means[v], means["plain"])] for v in names[1:]}
-        rows.append({"model": f"{label} ({keras.backend.backend()}, verbose=0)",
-                     "plain_ms": statistics.median(means["plain"]) * 1e3,
-                     "overhead": {v: (statistics.median(q), min(q), max(q)) for v, q in ratios.items()}})
+        rows.append(_overhead(f"{label} ({keras.backend.backend()}, verbose=0)", means))
     return rows
 
 
@@ -313,24 +310,20 @@ def _epoch_turns(name: str, turns: _Turns, epochs: int, times: list[float], firs
     return EpochTurns()
 
 
-def table_async(rows: list[dict]) -> str:
-    variants = list(rows[0]["overhead"])
-    head = "| model | plain ms/step | " + " | ".join(variants) + " |"
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for r in rows:
-        cells = [f"{m * 100:+.1f}% ({lo * 100:+.1f}..{hi * 100:+.1f})" for m, lo, hi in r["overhead"].values()]
-        lines.append(f"| {r['model']} | {r['plain_ms']:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _overhead(model: str, means: dict[str, list[float]]) -> dict:
+    """A table row from each variant's mean step time per epoch: plain's median and each other variant's ratio to
+    plain in the same epoch, median (min..max)."""
+    ratios = {v: [m / p - 1 for m, p in zip(ms, means["plain"])] for v, ms in means.items() if v != "plain"}
+    return {"model": model, "plain_ms": statistics.median(means["plain"]) * 1e3,
+            "overhead": {v: (statistics.median(r), min(r), max(r)) for v, r in ratios.items()}}
 
 
 def _row(label: str, backend: str, epochs: dict[str, list[list[float]]], first: dict[str, float]) -> dict:
     """A table row from each variant's step times per epoch and its first epoch's whole time."""
     names = list(epochs)
     means = {v: [statistics.fmean(e) for e in epochs[v][1:]] for v in names}
-    ratios = {v: [m / p - 1 for m, p in zip(means[v], means["plain"])] for v in names[1:]}
     once = {v: first[v] - len(epochs[v][0]) * statistics.median(means[v]) for v in names}
-    return {"model": f"{label} ({backend})", "plain_ms": statistics.median(means["plain"]) * 1e3,
-            "overhead": {v: (statistics.median(r), min(r), max(r)) for v, r in ratios.items()},
+    return {**_overhead(f"{label} ({backend})", means),
             "start": {v: once[v] / once["plain"] for v in names[1:]}, "start_s": once}
 
 
@@ -378,13 +371,18 @@ def _eager(label: str, backend: str, weights, model, x, y, loss, bs: int, varian
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown: the overhead columns, and the fit start's where the rows have it (not ``bench_async``'s)."""
     variants = list(rows[0]["overhead"])
-    head = ("| model | plain ms/step | " + " | ".join(variants) + " | fit start: plain | " +
-            " | ".join(f"fit start: {v}" for v in variants) + " |")
+    start = "start" in rows[0]
+    head = "| model | plain ms/step | " + " | ".join(variants) + " |"
+    if start:
+        head += " fit start: plain | " + " | ".join(f"fit start: {v}" for v in variants) + " |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         cells = [f"{m * 100:+.1f}% ({lo * 100:+.1f}..{hi * 100:+.1f})" for m, lo, hi in r["overhead"].values()]
-        starts = [f"{r['start_s'][v]:.2f} s ({r['start'][v]:.2f}x)" for v in variants]
-        lines.append(f"| {r['model']} | {r['plain_ms']:.2f} | " + " | ".join(cells) +
-                     f" | {r['start_s']['plain']:.2f} s | " + " | ".join(starts) + " |")
+        line = f"| {r['model']} | {r['plain_ms']:.2f} | " + " | ".join(cells) + " |"
+        if start:
+            starts = [f"{r['start_s'][v]:.2f} s ({r['start'][v]:.2f}x)" for v in variants]
+            line += f" {r['start_s']['plain']:.2f} s | " + " | ".join(starts) + " |"
+        lines.append(line)
     return "\n".join(lines)

@@ -54,7 +54,7 @@ def main() -> None:
     if args.keras_async:
         from tests.benchmarks import keras_cost
 
-        print(keras_cost.table_async(keras_cost.bench_async(args.rounds, args.only)))
+        print(keras_cost.table(keras_cost.bench_async(args.rounds, args.only)))
         return
     if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
