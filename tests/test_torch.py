@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import warnings
@@ -137,6 +138,28 @@ def test_huge_learning_rate_is_nonfinite_with_origin_layer():
     assert f.severity == "critical" and f.step <= 5
     assert f.evidence["origin_layer"] in f.layers
     assert report.layer("0").nonfinite > 0  # counted on the detail steps
+
+
+@pytest.mark.parametrize("case", ["sigmoid, SGD", "sigmoid, Adam", "init too large", "learning rate too high"])
+def test_findings_do_not_depend_on_how_many_steps_a_flush_judges(case):
+    """The detector prepares a flush's rows all at once (numpy over rows and layers), then votes row by row: the
+    findings, with their evidence and messages, must be the same whether each flush judges 1 step or 25."""
+    def run(flush_every):
+        seed(0)
+        if case.startswith("sigmoid"):
+            model = mlp(10, act=nn.Sigmoid)
+            opt = (torch.optim.SGD(model.parameters(), lr=0.1) if case.endswith("SGD")
+                   else torch.optim.Adam(model.parameters(), lr=1e-3))
+        else:
+            model = mlp(10 if case == "init too large" else 6, act=nn.ReLU, init="he",
+                        init_gain=2.5 if case == "init too large" else 1.0)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-6 if case == "init too large" else 3.0)
+        report = watch(model, opt, steps=60, flush_every=flush_every, activation_every=0)
+        return [repr(dataclasses.asdict(f)) for f in report.findings], [layer.status for layer in report.layers]
+
+    one_by_one, in_batches = run(1), run(25)
+    assert one_by_one[0], "each case finds something"
+    assert in_batches == one_by_one
 
 
 def test_far_too_large_init_explodes():

@@ -70,8 +70,10 @@ class Detector:
     def update(self, rows: LayerRows) -> list[Finding]:
         """Judge new gradient rows; return the findings that appeared for the first time."""
         with quiet():  # once for the whole batch of rows: the checks' own quiet() are then free
-            for i in range(len(rows)):
-                row = GradStep.of(rows, i)
+            finite = GradStep.finite_rows(rows)
+            for check in self.checks:
+                check.prepare(rows, finite)
+            for row in GradStep.each(rows, finite):
                 self.last_step = row.step
                 if not row.skipped and row.finite:
                     self.ctx.recent.append(row)

@@ -14,6 +14,7 @@ import statistics
 import threading
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,7 +32,7 @@ class GradStep:
 
     ``finite`` is whether every present gradient was finite (no non-finite value counted, every RMS finite);
     ``skipped`` whether a loss scaler skipped it; ``loss`` the training loss logged for the step (NaN where none
-    was).
+    was); ``index`` its place in the batch of rows the detector is judging (what :meth:`Check.prepare` saw).
     """
 
     step: int
@@ -45,15 +46,26 @@ class GradStep:
     skipped: bool
     loss: float = math.nan
     finite: bool = True
+    index: int = 0
+
+    @staticmethod
+    def finite_rows(rows: LayerRows) -> np.ndarray:
+        """Per row, whether no non-finite value was counted and every present layer's RMS is finite."""
+        with np.errstate(invalid="ignore"):
+            return ~(rows.nonfinite > 0).any(axis=1) & (np.isfinite(rows.grad_rms) | ~rows.present).all(axis=1)
 
     @classmethod
-    def of(cls, rows: LayerRows, i: int) -> GradStep:
-        rms, present, nonfinite = rows.grad_rms[i], rows.present[i], rows.nonfinite[i]
-        return cls(step=int(rows.steps[i]), rms=rms, update_ratio=rows.update_ratio[i],
-                   grad_norm=rows.grad_norm[i], grad_max=rows.grad_max[i], nonfinite=nonfinite,
-                   present=present, nonfinite_measured=bool(rows.nonfinite_measured[i]),
-                   skipped=bool(rows.skipped[i]), loss=float(rows.loss[i]) if rows.loss is not None else math.nan,
-                   finite=not (nonfinite > 0).any() and bool(np.all(np.isfinite(rms[present]))))
+    def each(cls, rows: LayerRows, finite: np.ndarray) -> Iterator[GradStep]:
+        """The rows one by one, ``index`` counting from 0 (``finite`` from :meth:`finite_rows`)."""
+        rms, present, nonfinite = rows.grad_rms, rows.present, rows.nonfinite
+        finite = finite.tolist()
+        steps, skipped, measured = rows.steps.tolist(), rows.skipped.tolist(), rows.nonfinite_measured.tolist()
+        loss = rows.loss.tolist() if rows.loss is not None else [math.nan] * len(steps)
+        for i, step in enumerate(steps):
+            yield cls(step=int(step), rms=rms[i], update_ratio=rows.update_ratio[i], grad_norm=rows.grad_norm[i],
+                      grad_max=rows.grad_max[i], nonfinite=nonfinite[i], present=present[i],
+                      nonfinite_measured=bool(measured[i]), skipped=bool(skipped[i]), loss=float(loss[i]),
+                      finite=finite[i], index=i)
 
 
 @dataclass(slots=True)
@@ -122,34 +134,46 @@ class Voter:
     def __init__(self, ledger: Ledger, key: str, kind: str, check: str, *, window: int, on_fraction: float,
                  off_fraction: float) -> None:
         self.ledger, self.key, self.kind, self.check = ledger, key, kind, check
-        self.votes: deque[tuple[int, np.ndarray]] = deque(maxlen=window)
+        self.votes: deque[tuple[int, np.ndarray, bool]] = deque(maxlen=window)  # (step, flags, any flag set)
         self._count: np.ndarray | None = None  # per layer, how many votes in the window are set
+        self._held = 0  # votes in the window with a flag set
         self.on_fraction, self.off_fraction = on_fraction, off_fraction
 
-    def vote(self, step: int, flags: np.ndarray) -> Episode | None:
-        """Add one vote; return the episode that is open after it (``None`` when none is, or it just closed)."""
+    def vote(self, step: int, flags: np.ndarray, held: bool | None = None) -> Episode | None:
+        """Add one vote; return the episode that is open after it (``None`` when none is, or it just closed).
+        ``held`` is ``flags.any()`` where the caller knows it already."""
         votes = self.votes
+        held = bool(flags.any()) if held is None else held
         if len(votes) == votes.maxlen:
-            self._count -= votes[0][1]
-        votes.append((step, flags))
-        self._count = self._count + flags if self._count is not None else flags.astype(np.int64)
+            _, gone, was_held = votes[0]
+            if was_held:
+                self._count -= gone
+                self._held -= 1
+        votes.append((step, flags, held))
+        self._held += held
+        ep = self.ledger.get(self.key)
+        if not self._held and ep is None:
+            return None  # nothing set in the window: every count is 0
+        if self._count is None:
+            self._count = np.zeros(len(flags), dtype=np.int64)
+        if held:
+            self._count += flags
         frac = self._count / votes.maxlen
         on = frac >= self.on_fraction
-        ep = self.ledger.get(self.key)
         if ep is None:
             if not on.any():
                 return None
             layers = np.flatnonzero(on)
             # The condition has held on most of the window: date the episode from where it started holding.
-            first = next(s for s, f in votes if f[layers].any())
+            first = next(s for s, f, _ in votes if f[layers].any())
             ep = self.ledger.open(self.key, self.kind, self.check, first, layers)
         else:
-            held = np.fromiter(ep.layers, dtype=np.int64, count=len(ep.layers))
+            held_layers = np.fromiter(ep.layers, dtype=np.int64, count=len(ep.layers))
             joined = on.copy()
-            joined[held] = False
+            joined[held_layers] = False
             for li in np.flatnonzero(joined).tolist():  # layers that join the open episode, from this step
                 ep.layers[li] = step
-            if not (frac[held] > self.off_fraction).any() and not (frac[joined] > self.off_fraction).any():
+            if not (frac[held_layers] > self.off_fraction).any() and not (frac[joined] > self.off_fraction).any():
                 self.ledger.close(self.key, step)
                 return None
         ep.last_step = step
@@ -225,8 +249,10 @@ class CheckContext:
         if not self.recent:
             nan = np.full(n, np.nan)
             return nan, nan.copy(), nan.copy()
-        stack = [np.stack([getattr(r, k) for r in self.recent]) for k in ("rms", "update_ratio", "grad_norm")]
-        return tuple(nanmedian0(s) for s in stack)  # type: ignore[return-value]
+        # One (steps, 3 * n_layers) array and one columnwise median: the three figures side by side.
+        stack = np.array([(r.rms, r.update_ratio, r.grad_norm) for r in self.recent], dtype=np.float64)
+        rms, ur, gn = nanmedian0(stack.reshape(len(stack), 3 * n)).reshape(3, n)
+        return rms, ur, gn
 
 
 class Check:
@@ -251,6 +277,12 @@ class Check:
         t = self.t
         return Voter(self.ctx.ledger, key, kind, self.name, window=window or t.window, on_fraction=t.on_fraction,
                      off_fraction=t.off_fraction)
+
+    def prepare(self, rows: LayerRows, finite: np.ndarray) -> None:
+        """A batch of collected steps (``finite`` per row, as :attr:`GradStep.finite`), before any of them reaches
+        :meth:`on_grad`: what does not depend on the verdicts of earlier rows is computed here for all rows at once
+        (numpy over ``(n_rows, n_layers)``) and read back by ``row.index``. On a model of a few layers, per-row
+        numpy calls cost more in call overhead than in math."""
 
     def on_grad(self, row: GradStep) -> None:
         """A collected step's gradients."""

@@ -17,12 +17,14 @@ Two views a practitioner uses, judged on every collected step and voted over a w
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 
 import numpy as np
 
 from gradwatch.core.checks.base import Check, CheckContext, EarlyLate, Episode, GradStep, decades_text, fmt, quiet, span
+from gradwatch.core.stats import LayerRows
 
 __all__ = ["GradientScaleCheck"]
 
@@ -67,86 +69,98 @@ class GradientScaleCheck(Check):
             if len(members) == 1:
                 self._single[members[0]] = True
 
-    def on_grad(self, row: GradStep) -> None:
-        if row.skipped or not row.finite:
-            return
+    def prepare(self, rows: LayerRows, finite: np.ndarray) -> None:
+        """The depth profile, the RMS ceiling and runaway updates of every row at once: none of them depends on an
+        earlier row's verdict, only on the latest update ratio measured before it (carried forward here)."""
         t = self.t
-        rms, ur = row.rms, row.update_ratio
+        rms, ur, present = rows.grad_rms, rows.update_ratio, rows.present
+        judged = ~rows.skipped & finite  # the rows on_grad looks at
         with quiet():
-            self._last_ur = np.where(np.isfinite(ur), ur, self._last_ur)
-        van, exp, ev = self._profile(rms, ur, row.present)
-        trend = self._trend(row.grad_norm, row.present)
-        if trend is not None:
-            exp |= trend
-        with quiet():
+            last = _carry_forward(ur, np.isfinite(ur) & judged[:, None], self._last_ur)
+            self._last_ur = last[-1]
+            van, exp, ref_of, ref_ur, profiled = self._profile(rms, ur, present, last)
             exp |= self.profile & (rms > t.grad_rms_exploding)
             # Runaway updates: most weight layers update by more than their own size. The update ratio is measured
             # every `update_every` collected steps; the latest measurement stands for the steps in between, or the
             # condition could never hold on most of the window. One layer alone (an output layer's first step, or
             # the recurrent layer an explosion through time wrecked, which that check reports) is not a runaway.
-            measured = self._last_ur[self.profile & row.present]
-            measured = measured[np.isfinite(measured)]
-            runaway = measured > t.update_ratio_exploding
-            if len(measured) and 2 * int(runaway.sum()) > len(measured):
-                exp |= self.profile & row.present & (self._last_ur > t.update_ratio_exploding)
-        burst = np.flatnonzero(self.profile & row.present & np.isfinite(row.grad_norm))
-        if self._burst_run:
-            exp[burst] = True  # a burst step votes too, so the episode it opens is not closed by the next vote
-        for kind, flags in (("vanishing", van), ("exploding", exp)):
-            ep = self._voters[kind].vote(row.step, flags)
-            if kind == "exploding" and ep is None and self._burst_run >= t.burst_steps and len(burst):
+            weights = self.profile & present
+            measured = weights & np.isfinite(last)
+            over = weights & (last > t.update_ratio_exploding)
+            n_measured = measured.sum(axis=1)
+            runaway = (n_measured > 0) & (2 * (measured & over).sum(axis=1) > n_measured)
+            exp |= over & runaway[:, None]
+            sel = weights & np.isfinite(rows.grad_norm)
+        self._rows = (van, exp, van.any(axis=1).tolist(), exp.any(axis=1).tolist(), ref_of, ref_ur.tolist(),
+                      profiled.tolist(), sel, sel.any(axis=1).tolist())
+
+    def on_grad(self, row: GradStep) -> None:
+        if row.skipped or not row.finite:
+            return
+        t, i = self.t, row.index
+        van, exp, van_any, exp_any, ref_of, ref_ur, profiled, sel, sel_any = self._rows
+        ev = {"reference_of": ref_of[i], "reference_update_ratio": ref_ur[i]} if profiled[i] else {}
+        van, exp, exp_any = van[i], exp[i], exp_any[i]
+        trend = self._trend(row.grad_norm, sel[i], sel_any[i])
+        if trend is not None:
+            exp, exp_any = exp | trend, True
+        if self._burst_run and sel_any[i]:
+            # a burst step votes too, so the episode it opens is not closed by the next vote
+            exp, exp_any = exp | sel[i], True
+        for kind, flags, held in (("vanishing", van, van_any[i]), ("exploding", exp, exp_any)):
+            ep = self._voters[kind].vote(row.step, flags, held)
+            if kind == "exploding" and ep is None and self._burst_run >= t.burst_steps and sel_any[i]:
                 # A burst does not wait for the window: the next step may already be inf.
                 ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
-                                          burst, "critical")
+                                          np.flatnonzero(sel[i]), "critical")
             if ep is not None:
                 self._describe(ep, ev)
 
-    def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray):
+    def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray, last_ur: np.ndarray):
+        """Per row (all arrays ``(n_rows, n_layers)``): the layers vanishing and exploding against their
+        references, each layer's reference, the output-side reference's update ratio, and whether the row has a
+        depth profile at all (two usable layers, a positive gradient at the output side)."""
         t = self.t
-        n = len(self.names)
-        van = np.zeros(n, dtype=bool)
-        exp = np.zeros_like(van)
+        n_rows, n = rms.shape
+        r = np.arange(n_rows)
         usable = self.profile & present & np.isfinite(rms)
-        idx = np.flatnonzero(usable)
-        ev: dict = {}
-        if len(idx) < 2:
-            return van, exp, ev
-        out = idx[-2:]
-        ref_i = int(out[np.argmax(rms[out])])
-        if rms[ref_i] <= 0:
-            return van, exp, ev  # nothing flows at the output: converged or dead, not a depth profile
+        # The output side: the larger of the last two usable layers (the first of equals).
+        b, a = _last_two(usable)
+        ref_i = np.where(rms[r, b] > rms[r, a], b, a)
+        profiled = (usable.sum(axis=1) >= 2) & (rms[r, ref_i] > 0)  # else converged or dead: no depth profile
         # Each layer's reference: the largest of the last two of its peers in use, or, for a layer without peers,
         # the output side. The references themselves (and the output side) are not judged.
-        ref_of = np.full(n, ref_i)
+        ref_of = np.repeat(ref_i[:, None], n, axis=1)
         body = self._single & usable
-        body[out] = False
+        body[r, a] = body[r, b] = False
         for members in self._groups:
-            live = members[usable[members]]
-            if len(live) < 3:
-                continue
-            last = live[-2:]
-            peer_ref = int(last[np.argmax(rms[last])])
-            if rms[peer_ref] > 0:
-                ref_of[live[:-2]] = peer_ref
-                body[live[:-2]] = True
-        with quiet():
-            decades = np.log10(rms[ref_of] / rms)  # +inf where the gradient is exactly zero
-            slow_ref = ur[ref_of] >= t.update_ratio_learning  # the reference still learns (not converged)
-            slow = slow_ref & (ur < t.update_ratio_vanishing) & (decades >= t.slow_update_decades)
-            van = body & ((decades >= t.vanishing_decades) | slow)
-            exp = body & (decades <= -t.exploding_decades)
-            if self.ctx.adaptive:
-                # Adam and kin: a small gradient is not a small update. Vanishing only where the layer's updates
-                # lag its reference's too (the latest measured ratios).
-                lag = np.log10(self._last_ur[ref_of] / self._last_ur)
-                van &= lag >= t.adaptive_update_decades
-        ev = {"reference_of": ref_of, "decades": decades, "reference_update_ratio": float(ur[ref_i])}
-        return van, exp, ev
+            live = usable[:, members]
+            n_live = live.sum(axis=1)
+            pb, pa = _last_two(live)
+            pb, pa = members[pb], members[pa]
+            peer_ref = np.where(rms[r, pb] > rms[r, pa], pb, pa)
+            early = live & (np.cumsum(live, axis=1) <= (n_live - 2)[:, None])  # every live peer but the last two
+            early &= ((n_live >= 3) & (rms[r, peer_ref] > 0))[:, None]
+            ref_of[:, members] = np.where(early, peer_ref[:, None], ref_of[:, members])
+            body[:, members] |= early
+        body &= profiled[:, None]
+        at = r[:, None], ref_of
+        decades = np.log10(rms[at] / rms)  # +inf where the gradient is exactly zero
+        slow_ref = ur[at] >= t.update_ratio_learning  # the reference still learns (not converged)
+        slow = slow_ref & (ur < t.update_ratio_vanishing) & (decades >= t.slow_update_decades)
+        van = body & ((decades >= t.vanishing_decades) | slow)
+        exp = body & (decades <= -t.exploding_decades)
+        if self.ctx.adaptive:
+            # Adam and kin: a small gradient is not a small update. Vanishing only where the layer's updates lag
+            # its reference's too (the latest measured ratios).
+            van &= np.log10(last_ur[at] / last_ur) >= t.adaptive_update_decades
+        return van, exp, ref_of, ur[r, ref_i], profiled
 
-    def _trend(self, gn: np.ndarray, present: np.ndarray) -> np.ndarray | None:
+    def _trend(self, gn: np.ndarray, sel: np.ndarray, any_sel: bool) -> np.ndarray | None:
+        """The layers whose norms count toward a growing total norm (``sel``: weight layers with a finite norm)
+        when it grows, else ``None``."""
         t = self.t
-        sel = self.profile & present & np.isfinite(gn)
-        if not sel.any():
+        if not any_sel:
             self._burst_run = 0  # no measurable norm on this step: a burst must be seen on consecutive steps
             return None
         total = float(np.sqrt(np.sum(gn[sel] ** 2)))
@@ -161,8 +175,8 @@ class GradientScaleCheck(Check):
             return sel.copy()
         if len(self._totals) < t.trend_window or self._totals[0] <= 0:
             return None
-        seq = np.asarray(self._totals)
-        rising = np.mean(seq[1:] > seq[:-1])
+        seq = self._totals
+        rising = sum(b > a for a, b in itertools.pairwise(seq)) / (len(seq) - 1) if len(seq) > 1 else math.nan
         growth = math.log10(seq[-1] / seq[0]) if seq[-1] > 0 else -math.inf
         if rising >= t.rising_fraction and growth >= t.growth_decades:
             return sel.copy()
@@ -238,3 +252,27 @@ class GradientScaleCheck(Check):
         if np.isfinite(ur[worst]) and ur[worst] > self.SHOWN_UPDATE_RATIO:
             parts.append(f"update ratio {fmt(ur[worst])}")
         ep.message = f"Gradients explode in {len(names)} layer{plural} ({where}): " + "; ".join(parts) + "."
+
+
+def _last_two(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a boolean ``(n_rows, n)`` array, the columns of its last and second-to-last ``True`` (meaningless
+    where a row has fewer)."""
+    n = mask.shape[1]
+    last = n - 1 - np.argmax(mask[:, ::-1], axis=1)
+    rest = mask.copy()
+    rest[np.arange(len(mask)), last] = False
+    return last, n - 1 - np.argmax(rest[:, ::-1], axis=1)
+
+
+def _carry_forward(values: np.ndarray, taken: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per row, each column's latest value where ``taken`` (this row's or an earlier row's), else ``before``.
+
+    Example:
+        >>> _carry_forward(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[True, False], [False, False]]),
+        ...                np.array([0.0, 9.0]))
+        array([[1., 9.],
+               [1., 9.]])
+    """
+    at = np.where(taken, np.arange(len(values))[:, None], -1)
+    np.maximum.accumulate(at, axis=0, out=at)
+    return np.where(at >= 0, np.take_along_axis(values, np.maximum(at, 0), axis=0), before)

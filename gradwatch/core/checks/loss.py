@@ -24,14 +24,18 @@ class LossCheck(Check):
         super().__init__(ctx)
         self._loss = EarlyLate(self.t.window)
         self._voter = self.voter("exploding:loss", "exploding")
+        self._none = np.zeros(len(self.names), dtype=bool)  # the vote of a step whose loss did not grow (never written)
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not math.isfinite(row.loss):
             return
         self._loss.add(row.loss)
         growth = self._loss.growth()
-        flags = self.ctx.profile & row.present & (growth >= self.t.loss_growth_decades)
-        ep = self._voter.vote(row.step, flags)
+        if growth >= self.t.loss_growth_decades:
+            flags = self.ctx.profile & row.present
+            ep = self._voter.vote(row.step, flags)
+        else:
+            ep = self._voter.vote(row.step, self._none, False)
         if ep is None or not math.isfinite(growth):
             return
         w = self.t.window

@@ -9,6 +9,7 @@ from collections import deque
 import numpy as np
 
 from gradwatch.core.checks.base import Check, CheckContext, GradStep, fmt, span
+from gradwatch.core.stats import LayerRows
 
 __all__ = ["LossScaleCheck", "NoGradientCheck", "NonfiniteCheck"]
 
@@ -149,36 +150,45 @@ class NoGradientCheck(Check):
     def __init__(self, ctx: CheckContext) -> None:
         super().__init__(ctx)
         self._zero_run = np.zeros(len(self.names), dtype=np.int64)
+        self._running = False  # whether any layer's run of zero gradients is under way
+
+    def prepare(self, rows: LayerRows, finite: np.ndarray) -> None:
+        zero = rows.present & (rows.grad_norm == 0) & self.ctx.trainable & self.ctx.profile
+        self._zero, self._zero_any = zero, zero.any(axis=1).tolist()
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not row.finite:
             return
-        zero = row.present & (row.grad_norm == 0) & self.ctx.trainable & self.ctx.profile
-        self._zero_run = np.where(zero, self._zero_run + 1, 0)
         ledger = self.ctx.ledger
         ep = ledger.get("no_gradient")
+        if ep is None and not self._running and not self._zero_any[row.index]:
+            return  # no run under way and none starts: every run stays 0
+        zero = self._zero[row.index]
+        self._zero_run = np.where(zero, self._zero_run + 1, 0)
+        self._running = bool(self._zero_run.any())
         stuck = self._zero_run >= self.t.no_gradient_steps
         if ep is None:
             if not stuck.any():
                 return
             first = row.step - self.t.no_gradient_steps + 1
             ep = ledger.open("no_gradient", "no_gradient", self.name, first, np.flatnonzero(stuck), "critical")
-        elif not any(self._zero_run[li] > 0 for li in ep.layers):
+        elif not (self._zero_run[np.fromiter(ep.layers, dtype=np.int64, count=len(ep.layers))] > 0).any():
             ledger.close("no_gradient", row.step)
             return
         else:
-            for li in np.flatnonzero(stuck):
-                ep.layers.setdefault(int(li), row.step)
+            for li in np.flatnonzero(stuck).tolist():
+                ep.layers.setdefault(li, row.step)
         ep.last_step = row.step
         layers = sorted(ep.layers)
         names = [self.names[li] for li in layers]
         every = int(np.sum(self.ctx.profile & self.ctx.trainable))
         everything = len(layers) >= every
-        ep.evidence = {"zero_gradient_steps": int(self._zero_run[layers].min()),
-                       "layers_without_gradient": len(names), "all_weight_layers": everything}
+        steps = int(self._zero_run[layers].min())
+        ep.evidence = {"zero_gradient_steps": steps, "layers_without_gradient": len(names),
+                       "all_weight_layers": everything}
         plural = "s" if len(names) > 1 else ""
         what = "any weight layer" if everything else f"{len(names)} layer{plural} ({span(names)})"
         ep.message = (f"No gradient reaches {what}: every gradient value was exactly 0 on the last "
-                      f"{int(self._zero_run[layers].min())} steps, so {'the model' if everything else 'they'} cannot "
+                      f"{steps} steps, so {'the model' if everything else 'they'} cannot "
                       "learn at any learning rate. The loss does not depend on these weights: check the output and "
                       "loss (a softmax over a single unit is constant; a detached output or a zero gate blocks it).")
