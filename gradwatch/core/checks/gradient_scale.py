@@ -78,7 +78,7 @@ class GradientScaleCheck(Check):
         with quiet():
             last = _carry_forward(ur, np.isfinite(ur) & judged[:, None], self._last_ur)
             self._last_ur = last[-1]
-            van, exp, ref_of, ref_ur, profiled = self._profile(rms, ur, present, last)
+            van, exp, ref_of, profiled = self._profile(rms, ur, present, last)
             exp |= self.profile & (rms > t.grad_rms_exploding)
             # Runaway updates: most weight layers update by more than their own size. The update ratio is measured
             # every `update_every` collected steps; the latest measurement stands for the steps in between, or the
@@ -91,15 +91,15 @@ class GradientScaleCheck(Check):
             runaway = (n_measured > 0) & (2 * (measured & over).sum(axis=1) > n_measured)
             exp |= over & runaway[:, None]
             sel = weights & np.isfinite(rows.grad_norm)
-        self._rows = (van, exp, van.any(axis=1).tolist(), exp.any(axis=1).tolist(), ref_of, ref_ur.tolist(),
-                      profiled.tolist(), sel, sel.any(axis=1).tolist())
+        self._rows = (van, exp, van.any(axis=1).tolist(), exp.any(axis=1).tolist(), ref_of, profiled.tolist(), sel,
+                      sel.any(axis=1).tolist())
 
     def on_grad(self, row: GradStep) -> None:
         if row.skipped or not row.finite:
             return
         t, i = self.t, row.index
-        van, exp, van_any, exp_any, ref_of, ref_ur, profiled, sel, sel_any = self._rows
-        ev = {"reference_of": ref_of[i], "reference_update_ratio": ref_ur[i]} if profiled[i] else {}
+        van, exp, van_any, exp_any, ref_of, profiled, sel, sel_any = self._rows
+        refs = ref_of[i] if profiled[i] else None
         van, exp, exp_any = van[i], exp[i], exp_any[i]
         trend = self._trend(row.grad_norm, sel[i], sel_any[i])
         if trend is not None:
@@ -114,12 +114,12 @@ class GradientScaleCheck(Check):
                 ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
                                           np.flatnonzero(sel[i]), "critical")
             if ep is not None:
-                self._describe(ep, ev)
+                self._describe(ep, refs)
 
     def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray, last_ur: np.ndarray):
         """Per row (all arrays ``(n_rows, n_layers)``): the layers vanishing and exploding against their
-        references, each layer's reference, the output-side reference's update ratio, and whether the row has a
-        depth profile at all (two usable layers, a positive gradient at the output side)."""
+        references, each layer's reference, and whether the row has a depth profile at all (two usable layers, a
+        positive gradient at the output side)."""
         t = self.t
         n_rows, n = rms.shape
         r = np.arange(n_rows)
@@ -154,7 +154,7 @@ class GradientScaleCheck(Check):
             # Adam and kin: a small gradient is not a small update. Vanishing only where the layer's updates lag
             # its reference's too (the latest measured ratios).
             van &= np.log10(last_ur[at] / last_ur) >= t.adaptive_update_decades
-        return van, exp, ref_of, ur[r, ref_i], profiled
+        return van, exp, ref_of, profiled
 
     def _trend(self, gn: np.ndarray, sel: np.ndarray, any_sel: bool) -> np.ndarray | None:
         """The layers whose norms count toward a growing total norm (``sel``: weight layers with a finite norm)
@@ -187,16 +187,17 @@ class GradientScaleCheck(Check):
             return None
         return math.log10(self._totals[-1] / self._totals[0])
 
-    def _describe(self, ep: Episode, ev: dict) -> None:
-        if "reference_of" not in ev:
-            return  # no depth profile on this step: the episode keeps the evidence that showed it
+    def _describe(self, ep: Episode, ref_of: np.ndarray | None) -> None:
+        """Rewrite the episode's evidence and message from the recent medians; ``ref_of`` is this row's reference
+        of each layer (``None``: no depth profile on this row, and the episode keeps the evidence that showed it)."""
+        if ref_of is None:
+            return
         # Redone on every step the episode is open, over all its layers (a thousand in a deep model): array math,
         # then the per-layer dicts in one zip each.
         rms, ur, _ = self.ctx.recent_medians()
         layers = sorted(ep.layers)
         at = np.asarray(layers, dtype=np.int64)
         names = [self.names[li] for li in layers]
-        ref_of = ev["reference_of"]
         refs = ref_of[at]
         with quiet():
             dec = np.log10(rms[refs] / rms[at])
