@@ -369,6 +369,46 @@ def test_figures_equal_plain_torch_on_every_kind_of_tensor():
     assert "side.weight" in names and np.isnan(values[1, names.index("side.weight"), 0])  # step 2: side unused
 
 
+def test_activation_figures_equal_plain_torch_small_and_large():
+    """On CPU an output under 8,192 values is measured through a NumPy view, a larger one by torch kernels: both
+    must give the figures plain torch gives on the same forward (saturation, dead units, RMS), step by step."""
+    from gradwatch.core.stats import DEAD_UNIT_SAMPLES, SATURATION_MARGIN
+
+    seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 256), nn.Tanh(),  # batches of 64: 1,024 and
+                          nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 1))  # 16,384
+    with torch.no_grad():
+        model[2].weight.mul_(8.0)  # saturates part of the wide tanh
+        model[6].bias[:100].fill_(-50.0)  # 100 of the wide ReLU's units never fire
+    outputs: list[dict[int, torch.Tensor]] = []
+    taps = [model[i].register_forward_hook(lambda m, a, out, i=i: outputs[-1].__setitem__(i, out.detach().clone()))
+            for i in (0, 2, 4, 6)]
+    pre = model.register_forward_pre_hook(lambda m, a: outputs.append({}))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    gw = gradwatch.attach(model, opt, reporters=[], activation_every=1, flush_every=1000)
+    train(model, opt, tabular(), 8)
+    acts = gw.adapter.drain()[1]
+    gw.detach()
+    for h in (*taps, pre):
+        h.remove()
+    names = gw.adapter.table.layer_names
+    cut = {0: np.arctanh(1 - SATURATION_MARGIN), 2: np.arctanh(1 - SATURATION_MARGIN)}
+    assert list(acts.steps) == list(range(2, 9))  # armed once the first step has built the layer table
+    for r, step in enumerate(acts.steps):
+        for i in (0, 2, 4, 6):
+            x = outputs[step - 1][i].double()
+            li = names.index(str(i))
+            np.testing.assert_allclose(acts.rms[r, li], x.pow(2).mean().sqrt().item(), rtol=1e-5)
+            if i in cut:
+                assert acts.saturation[r, li] == (x.abs() > cut[i]).double().mean().item()
+            else:
+                window = [s for s in acts.steps if s <= step][-DEAD_UNIT_SAMPLES:]  # the last sampled batches
+                fired = torch.stack([outputs[s - 1][i] > 0 for s in window]).any(dim=0).any(dim=0)
+                want = (~fired).double().mean().item() if len(window) == DEAD_UNIT_SAMPLES else None
+                assert (np.isnan(acts.dead[r, li]) if want is None else acts.dead[r, li] == want), (step, i)
+    assert acts.dead[-1, names.index("6")] >= 100 / 256 and acts.saturation[-1, names.index("2")] > 0.05
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_update_norm_of_a_large_weight_is_estimated_from_a_sample_within_two_percent(optimizer):
     # On CPU a weight of 64K elements or more has its update norm estimated from every 7th cache line of it (each
