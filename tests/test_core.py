@@ -70,6 +70,23 @@ def test_gradient_scale_check_finds_vanishing_early_layers():
     assert det.layer_status() == ["vanishing"] * 3 + ["ok"] * 2
 
 
+def test_a_batch_of_rows_gives_the_findings_row_by_row_gives():
+    """An open episode is described once a batch, as of the last row that found it open: a flush of many rows
+    must give what the same rows one at a time give, evidence and messages included, for an episode that closes
+    inside the batch, one that reopens deeper, and a burst."""
+    rng = np.random.default_rng(0)
+    noisy = lambda a: a * rng.uniform(0.5, 2.0, a.shape)  # noqa: E731
+    rms = np.vstack([noisy(_vanishing_profile(14)), noisy(np.full((16, N), 1e-2)),
+                     noisy(np.tile([1e-9, 1e-8, 1e-6, 1e-4, 1e-2], (14, 1))), np.full((3, N), 1e4)])
+    batched, single = detector(), detector()
+    batched.update(rows(rms))
+    for k in range(len(rms)):
+        single.update(rows(rms[k:k + 1], steps=[k + 1]))
+    assert [(f.kind, f.step, f.active) for f in batched.findings] == [
+        ("vanishing", 1, False), ("vanishing", 31, True), ("exploding", 45, True)]
+    assert repr(batched.findings) == repr(single.findings)  # repr: NaN evidence compares equal
+
+
 def test_gradient_scale_check_is_silent_on_a_flat_profile_and_on_a_converged_model():
     det = detector()
     assert det.update(rows(np.full((20, N), 1e-3))) == []

@@ -79,6 +79,8 @@ class Detector:
                     self.ctx.recent.append(row)
                 for check in self.checks:
                     check.on_grad(row)
+            for check in self.checks:
+                check.finish()
         return self._announce()
 
     def update_activations(self, acts: ActivationRows) -> list[Finding]:

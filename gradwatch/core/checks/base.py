@@ -14,7 +14,7 @@ import statistics
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -243,14 +243,16 @@ class CheckContext:
     ledger: Ledger
     recent: deque[GradStep]
 
-    def recent_medians(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Median gradient RMS, update ratio and gradient norm per layer over the recent window."""
+    def recent_medians(self, recent: Sequence[GradStep] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Median gradient RMS, update ratio and gradient norm per layer over the recent window (or over
+        ``recent``, the window as it was on an earlier row)."""
         n = len(self.names)
-        if not self.recent:
+        recent = self.recent if recent is None else recent
+        if not recent:
             nan = np.full(n, np.nan)
             return nan, nan.copy(), nan.copy()
         # One (steps, 3 * n_layers) array and one columnwise median: the three figures side by side.
-        stack = np.array([(r.rms, r.update_ratio, r.grad_norm) for r in self.recent], dtype=np.float64)
+        stack = np.array([(r.rms, r.update_ratio, r.grad_norm) for r in recent], dtype=np.float64)
         rms, ur, gn = nanmedian0(stack.reshape(len(stack), 3 * n)).reshape(3, n)
         return rms, ur, gn
 
@@ -259,8 +261,9 @@ class Check:
     """One finding family. Override the hooks it needs; the others do nothing.
 
     Hooks run in the order of the detector's checks, for every row: :meth:`on_grad` for each collected step
-    (skipped and non-finite ones included: a check looks at ``row.skipped`` and ``row.finite``), and
-    :meth:`on_activations` for each activation sample whose outputs were all finite.
+    (skipped and non-finite ones included: a check looks at ``row.skipped`` and ``row.finite``), then
+    :meth:`finish` once the batch's rows are done, and :meth:`on_activations` for each activation sample whose
+    outputs were all finite.
     """
 
     #: The check's name, carried by its findings as ``Finding.check``.
@@ -289,6 +292,9 @@ class Check:
 
     def on_activations(self, step: int, acts: ActivationRows, i: int) -> None:
         """Row ``i`` of an activation sample (taken at training step ``step``)."""
+
+    def finish(self) -> None:
+        """After a batch's last gradient row, before its findings are announced."""
 
 
 _QUIET = threading.local()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class GradientScaleCheck(Check):
         self._norms = EarlyLate(self.t.window)  # the total norm: its first steps against its last
         self._burst_run = 0  # consecutive steps with the total norm burst_decades above its early median
         self._last_ur = np.full(len(self.names), np.nan)  # the latest update ratio measured per layer
+        # Open episodes to describe when the batch ends, each with what it would have been described from on the
+        # last row that found it open (:meth:`finish`).
+        self._pending: dict[int, tuple[Episode, np.ndarray, _Moment]] = {}
         self._voters = {kind: self.voter(kind, kind) for kind in self.kinds}
         groups: dict[str, list[int]] = {}
         for i in np.flatnonzero(self.profile):
@@ -113,8 +117,26 @@ class GradientScaleCheck(Check):
                 # A burst does not wait for the window: the next step may already be inf.
                 ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
                                           np.flatnonzero(sel[i]), "critical")
-            if ep is not None:
-                self._describe(ep, refs)
+            if ep is not None and refs is not None:
+                self._pending[id(ep)] = (ep, refs, self._moment(kind))
+
+    def finish(self) -> None:
+        """Describe each episode found open in the batch, as of the last row that found it open. Describing is
+        the costly part (the window's medians, a dict per figure over every layer: a thousand in a deep model),
+        and only the last description of a batch is ever read, so each row keeps just what it would be drawn from
+        (the window's rows, the norm trend's figures)."""
+        pending, self._pending = self._pending, {}
+        for ep, refs, moment in pending.values():
+            self._describe(ep, refs, moment)
+
+    def _moment(self, kind: str) -> _Moment:
+        """What :meth:`_describe` reads of this row's state: the window's rows and, for an exploding episode,
+        the norm trend."""
+        recent = tuple(self.ctx.recent)
+        if kind == "vanishing":
+            return _Moment(recent)
+        return _Moment(recent, self._growth_decades(), self._norms.growth(), self._burst_run,
+                       self._totals[-1] if self._totals else math.nan, len(self._totals))
 
     def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray, last_ur: np.ndarray):
         """Per row (all arrays ``(n_rows, n_layers)``): the layers vanishing and exploding against their
@@ -187,14 +209,12 @@ class GradientScaleCheck(Check):
             return None
         return math.log10(self._totals[-1] / self._totals[0])
 
-    def _describe(self, ep: Episode, ref_of: np.ndarray | None) -> None:
-        """Rewrite the episode's evidence and message from the recent medians; ``ref_of`` is this row's reference
-        of each layer (``None``: no depth profile on this row, and the episode keeps the evidence that showed it)."""
-        if ref_of is None:
-            return
-        # Redone on every step the episode is open, over all its layers (a thousand in a deep model): array math,
-        # then the per-layer dicts in one zip each.
-        rms, ur, _ = self.ctx.recent_medians()
+    def _describe(self, ep: Episode, ref_of: np.ndarray, moment: _Moment) -> None:
+        """Rewrite the episode's evidence and message from the medians over ``moment``'s window; ``ref_of`` is that
+        row's reference of each layer (a row without a depth profile leaves the evidence that showed it)."""
+        # Over all the episode's layers (a thousand in a deep model): array math, then the per-layer dicts in one
+        # zip each.
+        rms, ur, _ = self.ctx.recent_medians(moment.recent)
         layers = sorted(ep.layers)
         at = np.asarray(layers, dtype=np.int64)
         names = [self.names[li] for li in layers]
@@ -232,27 +252,38 @@ class GradientScaleCheck(Check):
                 ep.message += f"; update ratio {fmt(ur[worst])}"
             ep.message += "."
             return
-        growth = self._growth_decades()
+        growth, sustained, burst_run = moment.growth, moment.sustained, moment.burst_run
         ep.evidence["norm_growth_decades"] = growth
-        sustained = self._norms.growth()
         if np.isfinite(sustained):
             ep.evidence["growth_since_first_steps_decades"] = sustained
         ep.severity = "critical" if (rms[worst] > self.t.grad_rms_exploding or ur[worst] > self.CRITICAL_UPDATE_RATIO
-                                     or self._burst_run >= self.t.burst_steps) else "warning"
+                                     or burst_run >= self.t.burst_steps) else "warning"
         parts = [f"gradient RMS {fmt(rms[worst])} at {wname}"]
         if np.isfinite(d) and d < 0:
             parts.append(f"{decades_text(-d)} above the output-side layer {ref_name}")
         if growth is not None and growth > self.SHOWN_GROWTH_DECADES:
-            parts.append(f"total norm up {decades_text(growth)} over the last {len(self._totals)} steps")
-        if self._burst_run >= self.t.burst_steps:
-            parts.append(f"total norm {fmt(self._totals[-1])}, over {self.t.burst_decades:g} orders of magnitude "
-                         f"above its median in the first steps, for {self._burst_run} steps in a row")
+            parts.append(f"total norm up {decades_text(growth)} over the last {moment.n_totals} steps")
+        if burst_run >= self.t.burst_steps:
+            parts.append(f"total norm {fmt(moment.last_total)}, over {self.t.burst_decades:g} orders of magnitude "
+                         f"above its median in the first steps, for {burst_run} steps in a row")
         if np.isfinite(sustained) and sustained >= self.t.sustained_growth_decades:
             parts.append(f"total norm {decades_text(sustained)} above its level in the first {self.t.window} "
                          "steps")
         if np.isfinite(ur[worst]) and ur[worst] > self.SHOWN_UPDATE_RATIO:
             parts.append(f"update ratio {fmt(ur[worst])}")
         ep.message = f"Gradients explode in {len(names)} layer{plural} ({where}): " + "; ".join(parts) + "."
+
+
+class _Moment(NamedTuple):
+    """What a row leaves for :meth:`GradientScaleCheck._describe`: the window's rows, and the total norm's trend
+    (an exploding episode only)."""
+
+    recent: tuple[GradStep, ...]
+    growth: float | None = None  # GradientScaleCheck._growth_decades()
+    sustained: float = math.nan  # the total norm's last window over its first, in decades
+    burst_run: int = 0
+    last_total: float = math.nan
+    n_totals: int = 0
 
 
 def _last_two(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
