@@ -34,6 +34,9 @@ runs a ``verbose=0`` fit in a thread of its own, and the threads take turns epoc
 timed by callbacks with epoch hooks only. The figure is the mean step time of each epoch after the first, as a ratio
 to plain's same epoch: median (min..max) over epochs. The batch-end hook is a callback whose ``on_train_batch_end``
 is not marked async-safe (as the progress bar's at ``verbose=1``): Keras then stays synchronous.
+
+``--keras-fits`` (:func:`bench_fits`) times whole ``verbose=0`` fits from one thread, the variants taking turns fit
+by fit: slower to resolve a difference than turns of steps, but free of the threads' own effects.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import time
 from collections.abc import Callable
 
 STEPS = 50  # batches per epoch: two periods of activation_every and flush_every (25), five of update_every
+FIT_EPOCHS = 5  # bench_fits: epochs per fit, the first not timed
 
 
 def models(steps: int) -> dict[str, Callable]:
@@ -251,6 +255,61 @@ def bench_async(rounds: int, only: str = "") -> list[dict]:
         means = {v: [e / STEPS for e in epochs[v][1:]] for v in names}  # the first epoch holds the fit start
         rows.append(_overhead(f"{label} ({keras.backend.backend()}, verbose=0)", means))
     return rows
+
+
+def bench_fits(rounds: int, only: str = "") -> list[dict]:
+    """Whole ``verbose=0`` fits taking turns from one thread: each round, every variant (the order rotating) fits
+    its copy for ``FIT_EPOCHS`` epochs, and the mean step of all but the first is its figure (the first holds
+    gradwatch's install and trace, which each fit repeats). No thread per variant: on the JAX MLP the threaded
+    harness read plain against plain -4 to -6% in most runs, always the same way (a per-thread or per-copy
+    effect). Single fits are noisy here (one round's ratio can be 10-40 points off): take the median of many
+    rounds."""
+    import keras
+
+    import gradwatch
+
+    variants: dict[str, Callable[[], list]] = {
+        "plain": lambda: [], "plain, again": lambda: [],
+        "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
+        "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)]}
+    rows = []
+    for label, model, weights, (x, y, loss, bs) in _warmed(only):
+        names = list(variants)
+        copies = {}
+        for v in names:
+            keras.utils.set_random_seed(0)
+            m = keras.models.clone_model(model)
+            m.set_weights(weights)
+            m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+            copies[v] = m
+        means: dict[str, list[float]] = {v: [] for v in names}
+        for r in range(rounds):
+            shift = r % len(names)
+            for v in names[shift:] + names[:shift]:
+                times: list[float] = []
+                copies[v].fit(x, y, batch_size=bs, epochs=FIT_EPOCHS, verbose=0, shuffle=False,
+                              callbacks=[_epoch_clock(times, first=True), *variants[v](),
+                                         _epoch_clock(times, first=False)])
+                means[v].append(sum(times[1:]) / (STEPS * (FIT_EPOCHS - 1)))
+        rows.append(_overhead(f"{label} ({keras.backend.backend()}, whole fits)", means))
+    return rows
+
+
+def _epoch_clock(times: list[float], first: bool):
+    """Epoch hooks only (fit() stays asynchronous): first in the list, it starts the clock; last, it stops it once
+    every callback's ``on_epoch_end`` ran."""
+    import keras
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if first:
+                times.append(-time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not first:
+                times[-1] += time.perf_counter()
+
+    return EpochClock()
 
 
 def _fit_in_turns(label: str, model, weights, fit_data: tuple, epochs: int, turns: _Turns,

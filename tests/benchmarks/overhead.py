@@ -9,7 +9,8 @@ and an LSTM, ``fit()`` plain, with ``gradwatch.KerasCallback`` and with ``keras.
 histogram_freq=1)``. GPU: tests/benchmarks/gpu.py.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
-[--keras-backend jax|torch]] [--keras-backends] [--keras-async --keras-backend jax|torch] [--frameworks] [--rounds 3]
+[--keras-backend jax|torch]] [--keras-backends] [--keras-async --keras-backend jax|torch]
+[--keras-fits --keras-backend tensorflow|jax|torch] [--frameworks] [--rounds 3]
 Prints Markdown tables.
 """
 
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--keras-async", action="store_true",
                     help="with --keras-backend jax|torch: verbose=0 fits, whose batch-end hooks Keras runs in a "
                          "worker thread (keras_cost.bench_async)")
+    ap.add_argument("--keras-fits", action="store_true",
+                    help="with --keras-backend: whole verbose=0 fits taking turns from one thread "
+                         "(keras_cost.bench_fits)")
     ap.add_argument("--keras-backends", action="store_true",
                     help="--keras on TensorFlow, JAX and torch, each in its own process (fixed at import)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
@@ -51,10 +55,11 @@ def main() -> None:
         return
     if args.keras_backend:
         os.environ["KERAS_BACKEND"] = args.keras_backend
-    if args.keras_async:
+    if args.keras_async or args.keras_fits:
         from tests.benchmarks import keras_cost
 
-        print(keras_cost.table(keras_cost.bench_async(args.rounds, args.only)))
+        bench = keras_cost.bench_async if args.keras_async else keras_cost.bench_fits
+        print(keras_cost.table(bench(args.rounds, args.only)))
         return
     if not args.torch and not args.keras and not args.frameworks:
         args.torch = True
