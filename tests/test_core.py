@@ -71,19 +71,23 @@ def test_gradient_scale_check_finds_vanishing_early_layers():
 
 
 def test_a_batch_of_rows_gives_the_findings_row_by_row_gives():
-    """An open episode is described once a batch, as of the last row that found it open: a flush of many rows
-    must give what the same rows one at a time give, evidence and messages included, for an episode that closes
-    inside the batch, one that reopens deeper, and a burst."""
+    """The depth profile's description of an open episode is deferred (``Ledger.defer``), as of the last row that
+    found it open: a flush of many rows must give what the same rows one at a time give, evidence and messages
+    included, for an episode that closes inside the batch, one that reopens deeper, and a burst that the loss
+    scaler's check then describes (it gets the episode after the burst's rows deferred theirs)."""
     rng = np.random.default_rng(0)
     noisy = lambda a: a * rng.uniform(0.5, 2.0, a.shape)  # noqa: E731
     rms = np.vstack([noisy(_vanishing_profile(14)), noisy(np.full((16, N), 1e-2)),
-                     noisy(np.tile([1e-9, 1e-8, 1e-6, 1e-4, 1e-2], (14, 1))), np.full((3, N), 1e4)])
+                     noisy(np.tile([1e-9, 1e-8, 1e-6, 1e-4, 1e-2], (14, 1))), np.full((3, N), 1e4),
+                     np.full((10, N), np.nan)])
+    skipped = np.arange(len(rms)) >= len(rms) - 10  # the loss scaler skips the last 10 steps
     batched, single = detector(), detector()
-    batched.update(rows(rms))
+    batched.update(rows(rms, skipped=skipped))
     for k in range(len(rms)):
-        single.update(rows(rms[k:k + 1], steps=[k + 1]))
+        single.update(rows(rms[k:k + 1], steps=[k + 1], skipped=skipped[k:k + 1]))
     assert [(f.kind, f.step, f.active) for f in batched.findings] == [
         ("vanishing", 1, False), ("vanishing", 31, True), ("exploding", 45, True)]
+    assert batched.findings[-1].evidence["amp_skipped_steps"] == 10
     assert repr(batched.findings) == repr(single.findings)  # repr: NaN evidence compares equal
 
 

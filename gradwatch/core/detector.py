@@ -79,8 +79,7 @@ class Detector:
                     self.ctx.recent.append(row)
                 for check in self.checks:
                     check.on_grad(row)
-            for check in self.checks:
-                check.finish()
+            self.ledger.settle()  # the descriptions the checks deferred (Ledger.defer)
         return self._announce()
 
     def update_activations(self, acts: ActivationRows) -> list[Finding]:

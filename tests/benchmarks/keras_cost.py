@@ -275,13 +275,7 @@ def bench_fits(rounds: int, only: str = "") -> list[dict]:
     rows = []
     for label, model, weights, (x, y, loss, bs) in _warmed(only):
         names = list(variants)
-        copies = {}
-        for v in names:
-            keras.utils.set_random_seed(0)
-            m = keras.models.clone_model(model)
-            m.set_weights(weights)
-            m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
-            copies[v] = m
+        copies = {v: _copy(model, weights, loss) for v in names}
         means: dict[str, list[float]] = {v: [] for v in names}
         for r in range(rounds):
             shift = r % len(names)
@@ -312,19 +306,25 @@ def _epoch_clock(times: list[float], first: bool):
     return EpochClock()
 
 
+def _copy(model, weights, loss: str):
+    """A variant's copy of ``model``: the same weights, an optimizer of its own."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    m = keras.models.clone_model(model)
+    m.set_weights(weights)
+    m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+    return m
+
+
 def _fit_in_turns(label: str, model, weights, fit_data: tuple, epochs: int, turns: _Turns,
                   callbacks: dict[str, Callable[[], list]]) -> None:
     """Each variant's copy of ``model`` (the same weights, an optimizer of its own) fit()s in a thread of its own
     with the callbacks ``callbacks[variant]()`` makes, which take the turns."""
-    import keras
-
     x, y, loss, bs = fit_data
     errors, threads = [], []
     for v, make in callbacks.items():
-        keras.utils.set_random_seed(0)
-        m = keras.models.clone_model(model)
-        m.set_weights(weights)
-        m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        m = _copy(model, weights, loss)
         cbs = make()
 
         def run(m=m, cbs=cbs, v=v):
@@ -394,10 +394,7 @@ def _eager(label: str, backend: str, weights, model, x, y, loss, bs: int, varian
     names = list(variants)
     runs = {}
     for v in names:
-        keras.utils.set_random_seed(0)
-        m = keras.models.clone_model(model)
-        m.set_weights(weights)
-        m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+        m = _copy(model, weights, loss)
         cbs = keras.callbacks.CallbackList(variants[v](), model=m)
         runs[v] = (m, cbs)
     times = {v: [[] for _ in range(rounds + 1)] for v in names}

@@ -14,7 +14,7 @@ import statistics
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -90,9 +90,35 @@ class Ledger:
     def __init__(self) -> None:
         self.episodes: list[Episode] = []
         self._open: dict[str, Episode] = {}
+        self._deferred: dict[int, Callable[[], None]] = {}  # id(episode) -> its description, not yet written
 
     def get(self, key: str) -> Episode | None:
+        """The open episode of ``key``, its deferred description (:meth:`defer`) written first."""
+        ep = self._open.get(key)
+        if ep is not None and self._deferred:
+            self.settle(ep)
+        return ep
+
+    def peek(self, key: str) -> Episode | None:
+        """The open episode of ``key`` as it stands, a deferred description left deferred: for a voter, which
+        touches only the episode's layers and whether it is open."""
         return self._open.get(key)
+
+    def defer(self, ep: Episode, describe: Callable[[], None]) -> None:
+        """Leave ``ep``'s description (evidence, message, severity) to ``describe``, called when a check next gets
+        the episode (:meth:`get`) or at :meth:`settle`; a later deferral of the episode replaces it. Describing a
+        large episode costs (a thousand layers in a deep model) and a flush reads only the last description, so
+        the check that writes it on every row defers it, with what it would be drawn from on that row."""
+        self._deferred[id(ep)] = describe
+
+    def settle(self, ep: Episode | None = None) -> None:
+        """Write the deferred description of ``ep`` (of every episode when ``None``)."""
+        if ep is None:
+            pending, self._deferred = self._deferred, {}
+            for describe in pending.values():
+                describe()
+        elif (describe := self._deferred.pop(id(ep), None)) is not None:
+            describe()
 
     def open(self, key: str, kind: str, check: str, step: int, layers, severity: str = "warning") -> Episode:
         ep = Episode(kind=kind, check=check, first_step=step, last_step=step, severity=severity,
@@ -151,7 +177,7 @@ class Voter:
                 self._held -= 1
         votes.append((step, flags, held))
         self._held += held
-        ep = self.ledger.get(self.key)
+        ep = self.ledger.peek(self.key)
         if not self._held and ep is None:
             return None  # nothing set in the window: every count is 0
         if self._count is None:
@@ -261,9 +287,8 @@ class Check:
     """One finding family. Override the hooks it needs; the others do nothing.
 
     Hooks run in the order of the detector's checks, for every row: :meth:`on_grad` for each collected step
-    (skipped and non-finite ones included: a check looks at ``row.skipped`` and ``row.finite``), then
-    :meth:`finish` once the batch's rows are done, and :meth:`on_activations` for each activation sample whose
-    outputs were all finite.
+    (skipped and non-finite ones included: a check looks at ``row.skipped`` and ``row.finite``), and
+    :meth:`on_activations` for each activation sample whose outputs were all finite.
     """
 
     #: The check's name, carried by its findings as ``Finding.check``.
@@ -292,9 +317,6 @@ class Check:
 
     def on_activations(self, step: int, acts: ActivationRows, i: int) -> None:
         """Row ``i`` of an activation sample (taken at training step ``step``)."""
-
-    def finish(self) -> None:
-        """After a batch's last gradient row, before its findings are announced."""
 
 
 _QUIET = threading.local()

@@ -17,6 +17,7 @@ Two views a practitioner uses, judged on every collected step and voted over a w
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import deque
@@ -59,9 +60,6 @@ class GradientScaleCheck(Check):
         self._norms = EarlyLate(self.t.window)  # the total norm: its first steps against its last
         self._burst_run = 0  # consecutive steps with the total norm burst_decades above its early median
         self._last_ur = np.full(len(self.names), np.nan)  # the latest update ratio measured per layer
-        # Open episodes to describe when the batch ends, each with what it would have been described from on the
-        # last row that found it open (:meth:`finish`).
-        self._pending: dict[int, tuple[Episode, np.ndarray, _Moment]] = {}
         self._voters = {kind: self.voter(kind, kind) for kind in self.kinds}
         groups: dict[str, list[int]] = {}
         for i in np.flatnonzero(self.profile):
@@ -118,24 +116,17 @@ class GradientScaleCheck(Check):
                 ep = self.ctx.ledger.open("exploding", "exploding", self.name, row.step - t.burst_steps + 1,
                                           np.flatnonzero(sel[i]), "critical")
             if ep is not None and refs is not None:
-                self._pending[id(ep)] = (ep, refs, self._moment(kind))
+                # Written when a check next gets the episode, or at the flush's end: what this row describes it
+                # from is kept, so the description is the one this row would have written.
+                self.ctx.ledger.defer(ep, functools.partial(self._describe, ep, refs, self._moment(kind, ep)))
 
-    def finish(self) -> None:
-        """Describe each episode found open in the batch, as of the last row that found it open. Describing is
-        the costly part (the window's medians, a dict per figure over every layer: a thousand in a deep model),
-        and only the last description of a batch is ever read, so each row keeps just what it would be drawn from
-        (the window's rows, the norm trend's figures)."""
-        pending, self._pending = self._pending, {}
-        for ep, refs, moment in pending.values():
-            self._describe(ep, refs, moment)
-
-    def _moment(self, kind: str) -> _Moment:
-        """What :meth:`_describe` reads of this row's state: the window's rows and, for an exploding episode,
-        the norm trend."""
-        recent = tuple(self.ctx.recent)
+    def _moment(self, kind: str, ep: Episode) -> _Moment:
+        """What :meth:`_describe` reads of this row's state: the episode's layers, the window's rows and, for an
+        exploding episode, the norm trend."""
+        layers, recent = sorted(ep.layers), tuple(self.ctx.recent)
         if kind == "vanishing":
-            return _Moment(recent)
-        return _Moment(recent, self._growth_decades(), self._norms.growth(), self._burst_run,
+            return _Moment(layers, recent)
+        return _Moment(layers, recent, self._growth_decades(), self._norms.growth(), self._burst_run,
                        self._totals[-1] if self._totals else math.nan, len(self._totals))
 
     def _profile(self, rms: np.ndarray, ur: np.ndarray, present: np.ndarray, last_ur: np.ndarray):
@@ -215,7 +206,7 @@ class GradientScaleCheck(Check):
         # Over all the episode's layers (a thousand in a deep model): array math, then the per-layer dicts in one
         # zip each.
         rms, ur, _ = self.ctx.recent_medians(moment.recent)
-        layers = sorted(ep.layers)
+        layers = moment.layers
         at = np.asarray(layers, dtype=np.int64)
         names = [self.names[li] for li in layers]
         refs = ref_of[at]
@@ -275,9 +266,10 @@ class GradientScaleCheck(Check):
 
 
 class _Moment(NamedTuple):
-    """What a row leaves for :meth:`GradientScaleCheck._describe`: the window's rows, and the total norm's trend
-    (an exploding episode only)."""
+    """What a row leaves for :meth:`GradientScaleCheck._describe`: the episode's layers, the window's rows, and the
+    total norm's trend (an exploding episode only)."""
 
+    layers: list[int]
     recent: tuple[GradStep, ...]
     growth: float | None = None  # GradientScaleCheck._growth_decades()
     sustained: float = math.nan  # the total norm's last window over its first, in decades
