@@ -199,18 +199,22 @@ def _warmed(only: str):
             yield label, model, weights, (x, y, loss, bs)
 
 
+def _variants() -> dict[str, Callable[[], list]]:
+    """The variants every ``fit()`` harness times, each as the callbacks it adds: plain twice (the second is the
+    harness's own noise), gradwatch at its defaults and without activation sampling."""
+    import gradwatch
+
+    return {"plain": lambda: [], "plain, again": lambda: [],
+            "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
+            "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)]}
+
+
 def bench(rounds: int, only: str = "") -> list[dict]:
     import keras
 
-    import gradwatch
 
     backend = keras.backend.backend()
-    variants: dict[str, Callable[[], list]] = {
-        "plain": lambda: [],
-        "plain, again": lambda: [],
-        "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
-        "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)],
-    }
+    variants = _variants()
     if backend == "tensorflow":
         variants["TensorBoard(histogram_freq=1)"] = lambda: [keras.callbacks.TensorBoard(
             log_dir=tempfile.mkdtemp(), histogram_freq=1)]
@@ -262,16 +266,11 @@ def bench_fits(rounds: int, only: str = "") -> list[dict]:
     its copy for ``FIT_EPOCHS`` epochs, and the mean step of all but the first is its figure (the first holds
     gradwatch's install and trace, which each fit repeats). No thread per variant: on the JAX MLP the threaded
     harness read plain against plain -4 to -6% in most runs, always the same way (a per-thread or per-copy
-    effect). Single fits are noisy here (one round's ratio can be 10-40 points off): take the median of many
-    rounds."""
+    effect). Single fits are noisy here (one round's ratio was up to 45 points off in 16 rounds): take the median
+    of many rounds."""
     import keras
 
-    import gradwatch
-
-    variants: dict[str, Callable[[], list]] = {
-        "plain": lambda: [], "plain, again": lambda: [],
-        "gradwatch": lambda: [gradwatch.KerasCallback(reporters=[])],
-        "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)]}
+    variants = _variants()
     rows = []
     for label, model, weights, (x, y, loss, bs) in _warmed(only):
         names = list(variants)
