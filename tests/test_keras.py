@@ -6,6 +6,7 @@ own processes (``KERAS_BACKEND`` is fixed at import), started by ``tests/test_ke
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 
@@ -458,6 +459,27 @@ def test_simple_rnn_on_long_memory_vanishes_through_time_and_gets_gated_rnn(comp
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), unwatched.get_weights()))
 
 
+@tf_only
+def test_the_sampled_train_function_traces_a_recurrent_layer_once(monkeypatch):
+    """The train function of sampled steps is traced knowing that its step is sampled: the recurrent layer runs
+    with its time probes, with no cond whose other branch would trace the layer a second time, and the
+    through-time figures still arrive."""
+    calls: list[int] = []
+    real = keras.layers.SimpleRNN.call
+
+    @functools.wraps(real)  # Keras reads call()'s signature
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.SimpleRNN, "call", counted)
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+    long_memory_fit("SimpleRNN", [cb])
+    assert len(calls) == 2  # the train function of sampled steps and the other one, one trace each
+    (f,) = cb.report().findings_of("vanishing")
+    assert f.step == 1 and f.evidence["through_time"] and f.evidence["time_decades"]["rnn"] > 2
+
+
 def test_simple_rnn_with_recurrent_radius_3_explodes_through_time_and_gets_clipping():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -659,6 +681,77 @@ def test_measure_conds_in_fit_stay_functional_ifs_and_still_measure(monkeypatch)
     for col in (GRAD_MAX, UPDATE_NORM):
         assert np.isfinite(values[measured][:, :, col]).all() and (values[measured][:, :, col] > 0).all()
         assert np.isnan(values[~measured][:, :, col]).all()
+
+
+@tf_only
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_fit_traces_each_train_function_once_and_the_optimizer_is_as_without_gradwatch(policy):
+    """fit() on TensorFlow builds the optimizer inside the first trace of its step, and tf.function traces a step
+    that created variables a second time. gradwatch builds it before that trace, as the trace would: its two
+    train functions (sampled steps, the others) are traced once each, and the trained weights and the optimizer's
+    variables (paths and values, the loss scaler's included) are those of the same fit without gradwatch."""
+    calls: list[int] = []
+    x, y = data(256)
+
+    class Counted(keras.layers.Layer):  # an identity: one call per trace of a train step
+        def call(self, x):
+            calls.append(1)
+            return x
+
+    def run(callbacks):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((20,)), Counted(name="count"),
+                                      keras.layers.Dense(32, activation="tanh", name="h"),
+                                      keras.layers.Dense(1, name="out")], name="net")
+            opt = keras.optimizers.Adam(1e-3, name="adam")
+            if policy != "float32":
+                opt = keras.optimizers.LossScaleOptimizer(opt, name="scaled")
+            model.compile(optimizer=opt, loss="mse")
+            calls.clear()
+            model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=callbacks)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        return len(calls), model
+
+    traces, plain = run([])
+    assert traces == 2  # Keras alone: the one train function, traced twice (what this saves)
+    for every, functions in ((25, 2), (0, 1)):
+        cb = gradwatch.KerasCallback(reporters=[], activation_every=every)
+        traces, model = run([cb])
+        assert traces == functions, (every, traces)
+        assert cb.report().collected_steps == 8
+        assert [v.path for v in model.optimizer.variables] == [v.path for v in plain.optimizer.variables]
+        for a, b in zip(model.optimizer.variables + model.weights, plain.optimizer.variables + plain.weights):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+@tf_only
+def test_a_train_step_of_the_users_builds_its_optimizer_itself():
+    """A train_step of the user's may apply a part of the weights: its optimizer is left for it to build, with
+    the variables it applies (here the head's only, as without gradwatch)."""
+
+    class HeadOnly(keras.Sequential):
+        def train_step(self, batch):
+            import tensorflow as tf
+
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            head = self.layers[-1].trainable_variables
+            self.optimizer.apply(tape.gradient(loss, head), head)
+            return {"loss": loss}
+
+    keras.utils.set_random_seed(0)
+    model = HeadOnly([keras.Input((20,)), keras.layers.Dense(32, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x, y = data(256)
+    cb = gradwatch.KerasCallback(reporters=[])
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[cb])
+    slots = [v for v in model.optimizer.variables if v.path.endswith("_momentum")]
+    assert len(slots) == 2  # the head's kernel and bias; built with every weight it would have four
+    assert cb.report().collected_steps == 4
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the torch backend's jit_compile")

@@ -112,13 +112,14 @@ class KerasAdapter(Adapter):
 
     @classmethod
     def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> KerasAdapter:
-        """Install on ``model``; ``defer_unbuilt=True`` (the callback's) waits for ``fit()`` to build it."""
+        """Install on ``model``. The callback's extras: ``defer_unbuilt=True`` waits for ``fit()`` to build the model,
+        ``in_fit=True`` says ``fit()`` is starting (see :meth:`_build_optimizer`)."""
         if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
             raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no "
                              f"optimizer (received {type(optimizer).__name__}) or compile the model with it.")
         adapter = cls(sink, model, every=options.every, update_every=options.update_every,
                       activation_every=options.activation_every)
-        adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)))
+        adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)), in_fit=bool(extra.get("in_fit", False)))
         return adapter
 
     def __init__(self, sink: Sink, model: Any, *, every: int = 1, update_every: int = 10,
@@ -167,18 +168,19 @@ class KerasAdapter(Adapter):
 
     # -- install -------------------------------------------------------------------------------------------
 
-    def install(self, *, defer_unbuilt: bool = False) -> None:
+    def install(self, *, defer_unbuilt: bool = False, in_fit: bool = False) -> None:
         """Wrap the optimizer's ``apply`` (before ``fit()`` traces) and build the table. Idempotent.
 
         Args:
             defer_unbuilt: For the callback: a model that ``fit()`` only builds in its first step (a subclassed
                 model with its own ``train_step``) is watched from the step after it is built.
+            in_fit: For the callback: ``fit()`` has begun and is about to trace its first step.
         """
-        self._install(defer_unbuilt)
+        self._install(defer_unbuilt, in_fit)
         if getattr(self, "_sampled_fit", False) and self._installed_on is not None:
             self._dispatch()  # again on each install: compile() or fit() may have made a train function of its own
 
-    def _install(self, defer_unbuilt: bool) -> None:
+    def _install(self, defer_unbuilt: bool, in_fit: bool = False) -> None:
         model = self.model
         opt = getattr(model, "optimizer", None)
         if opt is None:
@@ -190,6 +192,8 @@ class KerasAdapter(Adapter):
                 return
             raise AttachError(f"{type(model).__name__} is not built yet (it has no weights): call it on a batch "
                               "first, e.g. model(x[:1]), or give it a keras.Input.")
+        if in_fit:
+            self.guard(self._build_optimizer, "Keras optimizer build")(opt)
         inner = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer: unscaled gradients, applied steps only
         if self._installed_on is inner and "apply" in inner.__dict__:
             return
@@ -202,6 +206,31 @@ class KerasAdapter(Adapter):
         # fit() makes its train function before on_train_begin: re-make it so the traced step holds the wrapper.
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)
+
+    def _build_optimizer(self, opt: Any) -> None:
+        """On TensorFlow, build the optimizer as ``fit()``'s first trace would, before that trace.
+
+        Without a distribution strategy, ``fit()`` on TensorFlow builds the optimizer inside the first trace of
+        its train step, and a ``tf.function`` whose first trace creates variables traces again: every train
+        function ``fit()`` starts with is traced twice, gradwatch's two (:meth:`_dispatch`) included. Built here,
+        from the variables Keras' own ``train_step`` passes and under the name scope its ``apply`` opens (the
+        same variables, paths and values), each is traced once. Keras builds it so itself under a distribution
+        strategy (``_symbolic_build``). Left to the trace when ``train_step`` is the user's (it may apply other
+        variables, or another optimizer) or a layer is not built yet (its variables do not exist).
+        """
+        if self.backend != "tensorflow" or opt.built:  # the other backends' fit() builds it before callbacks run
+            return
+        from keras.src import backend
+        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+        model = self.model
+        if "train_step" in model.__dict__ or type(model).train_step is not TensorFlowTrainer.train_step:
+            return
+        if not model.trainable_weights or not all(layer.built for layer in model._flatten_layers()):
+            return
+        with model.distribute_strategy.scope(), backend.name_scope(opt.name, caller=opt):
+            opt.build(model.trainable_weights)
+        opt.built = True
 
     def _make_rings(self) -> None:
         """The device variables one row per collected step goes into, read by :meth:`drain`."""
@@ -477,8 +506,8 @@ class KerasAdapter(Adapter):
             # cond does not compile: there the probe runs on every step and only its record is sampled.
             if getattr(adapter.model, "jit_compile", False):
                 return _probed_call(original, args, kwargs, target, ring, sample, slot, gate=True)
-            return tf.cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
-                           lambda: original(*args, **kwargs))
+            return _cond(sample, lambda: _probed_call(original, args, kwargs, target, ring, sample, slot),
+                         lambda: original(*args, **kwargs))
 
         probed = self.guard(probed, where)
         write_all = self.guard(self._write_activations, "Keras activations")
@@ -505,7 +534,7 @@ class KerasAdapter(Adapter):
         return call
 
     def _write_activations(self, sample, slot, step, late: bool = False) -> None:
-        """In the traced step, once the watched layers have run: the one ``tf.cond`` of the activation sample. On
+        """In the traced step, once the watched layers have run: the activation sample's one write (:func:`_cond`). On
         sampled steps it writes the slot's step and every layer's figures (NaN for those that did not run). Run in
         the forward pass it also clears the slot's through-time columns, which the backward's probes then write;
         ``late`` (after the backward, when a watched layer did not run) it leaves them."""
@@ -530,7 +559,7 @@ class KerasAdapter(Adapter):
             _write(self._act_steps, [[slot]], [step])
             return tf.constant(True)
 
-        tf.cond(sample, write, lambda: tf.constant(False))
+        _cond(sample, write, lambda: tf.constant(False))
 
     def uninstall(self, keep: tuple[str, ...] = ()) -> None:
         """Remove every instance-level wrapper gradwatch put on the model, its layers and optimizers (all but the
@@ -763,6 +792,18 @@ class _ActTarget:
     seen: Any = None  # sampled batches written to ``alive``
 
 
+def _cond(sample, true_fn, false_fn) -> Any:
+    """``tf.cond`` on whether the step is sampled, or the branch alone where that is known when tracing: the train
+    function of sampled steps (:meth:`KerasAdapter._dispatch`) holds neither the cond nor a trace of the other
+    branch (for a recurrent layer, a second trace of the layer)."""
+    import tensorflow as tf
+
+    known = tf.get_static_value(sample)
+    if known is not None:
+        return true_fn() if bool(known) else false_fn()
+    return tf.cond(sample, true_fn, false_fn)
+
+
 def _functional_cond(pred, true_fn, false_fn) -> Any:
     """``tf.cond`` kept a functional ``If`` op, which runs the branch taken and nothing of the other.
 
@@ -836,7 +877,7 @@ def _activation_stats(y, target: _ActTarget):
 def _probed_call(original, args, kwargs, target: _ActTarget, ring, sample, slot, gate: bool = False):
     """The recurrent layer's call with time probes on its input and, for ``return_sequences``, its output.
 
-    Runs as a ``tf.cond`` branch, or with ``gate`` on every step (the probes then record on sampled steps only).
+    Runs as a branch of :func:`_cond`, or with ``gate`` on every step (the probes then record on sampled steps only).
     The probes' gradients write to the ring through its handle as captured here: a gradient of a cond branch
     cannot capture the (eager) variable handle itself.
     """
