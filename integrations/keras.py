@@ -94,8 +94,7 @@ class KerasCallback(keras.callbacks.Callback):
         self._fit_thread, self._open = threading.get_ident(), None
         self._arrived, self._in_flight = {}, {}
         # A subclassed model with its own train_step is built by fit()'s first step: watched from the next one.
-        self._watcher = Watcher(self.model, keras_adapter(), self.options,
-                                extra={"defer_unbuilt": True, "in_fit": True})
+        self._watcher = Watcher(self.model, keras_adapter(), self.options, extra={"in_fit": True})
         self._console_defer(True)
         self._watcher.adapter.loss_barrier = self._await_losses
 

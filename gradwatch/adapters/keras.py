@@ -112,14 +112,13 @@ class KerasAdapter(Adapter):
 
     @classmethod
     def create(cls, sink: Sink, model: Any, optimizer: Any, options: WatchOptions, **extra: Any) -> KerasAdapter:
-        """Install on ``model``. The callback's extras: ``defer_unbuilt=True`` waits for ``fit()`` to build the model,
-        ``in_fit=True`` says ``fit()`` is starting (see :meth:`_build_optimizer`)."""
+        """Install on ``model``; ``in_fit=True`` (the callback's, at ``fit()``'s start): see :meth:`install`."""
         if optimizer is not None and optimizer is not getattr(model, "optimizer", None):
             raise ValueError("For Keras, gradwatch watches the optimizer the model was compiled with; pass no "
                              f"optimizer (received {type(optimizer).__name__}) or compile the model with it.")
         adapter = cls(sink, model, every=options.every, update_every=options.update_every,
                       activation_every=options.activation_every)
-        adapter.install(defer_unbuilt=bool(extra.get("defer_unbuilt", False)), in_fit=bool(extra.get("in_fit", False)))
+        adapter.install(in_fit=bool(extra.get("in_fit", False)))
         return adapter
 
     def __init__(self, sink: Sink, model: Any, *, every: int = 1, update_every: int = 10,
@@ -168,26 +167,26 @@ class KerasAdapter(Adapter):
 
     # -- install -------------------------------------------------------------------------------------------
 
-    def install(self, *, defer_unbuilt: bool = False, in_fit: bool = False) -> None:
+    def install(self, *, in_fit: bool = False) -> None:
         """Wrap the optimizer's ``apply`` (before ``fit()`` traces) and build the table. Idempotent.
 
         Args:
-            defer_unbuilt: For the callback: a model that ``fit()`` only builds in its first step (a subclassed
-                model with its own ``train_step``) is watched from the step after it is built.
-            in_fit: For the callback: ``fit()`` has begun and is about to trace its first step.
+            in_fit: For the callback: ``fit()`` has begun and is about to trace its first step. A model that
+                ``fit()`` only builds in that step (a subclassed model with its own ``train_step``) is watched from
+                the step after it is built; on TensorFlow the optimizer is built now (:meth:`_build_optimizer`).
         """
-        self._install(defer_unbuilt, in_fit)
+        self._install(in_fit)
         if getattr(self, "_sampled_fit", False) and self._installed_on is not None:
             self._dispatch()  # again on each install: compile() or fit() may have made a train function of its own
 
-    def _install(self, defer_unbuilt: bool, in_fit: bool = False) -> None:
+    def _install(self, in_fit: bool) -> None:
         model = self.model
         opt = getattr(model, "optimizer", None)
         if opt is None:
             raise AttachError(f"{type(model).__name__} is not compiled: call model.compile(optimizer=..., loss=...) "
                               "before fit() so gradwatch can watch the optimizer's gradients.")
         if not model.built or not model.weights:
-            if defer_unbuilt:
+            if in_fit:
                 self._pending = True
                 return
             raise AttachError(f"{type(model).__name__} is not built yet (it has no weights): call it on a batch "
