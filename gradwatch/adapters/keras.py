@@ -300,7 +300,7 @@ class KerasAdapter(Adapter):
 
     def _measure_grads(self, grads: list, trainable_variables: Any):
         """In the traced step, before the update: this step's number and whether it is collected, the gradient
-        statistics, and on measure steps a copy of the weights."""
+        norms, and on measure steps the weights before the update."""
         import tensorflow as tf
 
         variables = self._variables(trainable_variables)
@@ -333,45 +333,63 @@ class KerasAdapter(Adapter):
             norms = tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(g) for g, _ in have]))
             return tf.where(tf.math.is_nan(norms), float("inf"), norms)
 
-        # Max |g| and the non-finite count in one cond (kept functional: _functional_cond) on measure steps and on a
-        # step whose norms are not finite. The weights before the update (a read, which the optimizer's assignment
-        # then copies: copy-on-write) in another, on measure steps only: made to wait for the norms, it held every
-        # update back until the last gradient's norm was taken (+4.6% a step on a 20-layer MLP, measured).
-        # Outside XLA the other branches give a scalar per weight; XLA wants both branches of one shape.
+        # The weights before the update in a cond (kept functional: _functional_cond) on measure steps: a read,
+        # which the optimizer's assignment then copies (copy-on-write). Made to wait for the norms, it held every
+        # update back until the last gradient's norm was taken (+4.6% a step on a 20-layer MLP, measured). Outside
+        # XLA the other branch gives one scalar for every weight; XLA wants both branches of one shape.
         weights = [v for v, _ in watched]
         xla = bool(getattr(self.model, "jit_compile", False))
 
-        def detail():
-            maxima = [tf.stack([tf.reduce_max(tf.abs(g)), tf.reduce_sum(
-                tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))]) for g, _ in have]
-            return tf.stack(maxima) if have else tf.zeros([0, 2])
+        def unmeasured():
+            if xla:
+                return [tf.zeros(tf.shape(v), tf.float32) for v in weights]
+            return [tf.zeros([])] * len(weights)
 
         norms = _functional_cond(collect, l2, lambda: tf.fill([k], nan)) if self.every > 1 else l2()
-        # A step with a non-finite gradient is counted at once, whatever the schedule.
+        # A step with a non-finite gradient gets its max |g| and count at once, whatever the schedule.
         nonfinite = tf.logical_and(collect, tf.logical_not(tf.reduce_all(tf.math.is_finite(norms))))
-        details = _functional_cond(tf.logical_or(measure, nonfinite), detail, lambda: tf.fill([k, 2], nan))
-        before = _functional_cond(measure, lambda: [tf.identity(tf.cast(v, tf.float32)) for v in weights],
-                                  lambda: [tf.zeros(tf.shape(v) if xla else [], tf.float32) for v in weights]) \
+        before = _functional_cond(measure, lambda: [tf.cast(v, tf.float32) for v in weights], unmeasured) \
             if weights else []
-        grads_at = [i for _, i in have]
-        return step_id, collect, (norms, details, grads_at), measure, watched, list(before)
+        detail = tf.logical_or(measure, nonfinite)
+        return step_id, collect, (norms, have, detail), measure, watched, list(before)
 
     def _record(self, step_id, collect, stats, measure, watched, before) -> None:
-        """In the traced step, after the update: update ratios on measure steps, and the step's row into the ring
-        (into the spare row when the step is not collected)."""
+        """In the traced step, after the update: on measure steps (and steps whose norms are not finite) max |g| and
+        the non-finite count, on measure steps the update norms, in one cond; then the step's row into the ring (into
+        the spare row when the step is not collected)."""
         import tensorflow as tf
 
         nan = float("nan")
         p = self._table.n_params
-        norms, details, grads_at = stats
+        norms, have, detail = stats
+        k = len(have)
 
-        def updates():
-            return tf.stack([tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(b), tf.nn.l2_loss(tf.cast(v, tf.float32) - b)]))
-                             for (v, _), b in zip(watched, before)])
+        def measured():
+            # A trace costs about 0.4 ms an op on this CPU (fit()'s start): few ops a tensor, reduction axes shared.
+            axes: dict[int, Any] = {}
 
-        measured = _functional_cond(measure, updates, lambda: tf.fill([len(watched), 2], nan)) if watched else None
-        row = _columns(tf.concat([norms[:, None], details], axis=1), grads_at, p, 3)
-        row = tf.concat([row, _columns(measured, [i for _, i in watched], p, 2)], axis=1)
+            def reduce(op, x):
+                rank = x.shape.rank
+                if rank is None:
+                    return op(input=x, axis=tf.range(tf.rank(x)))
+                if rank not in axes:
+                    axes[rank] = tf.constant(list(range(rank)), tf.int32)
+                return op(input=x, axis=axes[rank])
+
+            peak = [reduce(tf.raw_ops.Max, tf.abs(g)) for g, _ in have]
+            bad = [reduce(tf.raw_ops.Sum, tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)) for g, _ in have]
+            maxima = tf.stack([tf.stack(peak), tf.stack(bad)], axis=1) if have else tf.zeros([0, 2])
+            if not watched:
+                return maxima, tf.zeros([0, 2])
+            base = [tf.nn.l2_loss(b) for b in before]
+            step = [tf.nn.l2_loss(tf.cast(v, tf.float32) - b) for (v, _), b in zip(watched, before)]
+            updates = tf.sqrt(2.0 * tf.stack([tf.stack(base), tf.stack(step)], axis=1))
+            return maxima, tf.where(measure, updates, nan)  # not a measure step: no weights before the update
+
+        details, updates = _functional_cond(detail, measured, lambda: (tf.fill([k, 2], nan),
+                                                                        tf.fill([len(watched), 2], nan)))
+        row = _columns(tf.concat([norms[:, None], details], axis=1), [i for _, i in have], p, 3)
+        row = tf.concat([row, _columns(updates if watched else None, [i for _, i in watched], p, 2)], axis=1)
         count = self._count
         slot = [[tf.where(collect, count % _RING, tf.constant(_RING, tf.int64))]]
         _write(self._acc, slot, [row])
