@@ -288,6 +288,67 @@ def bench_fits(rounds: int, only: str = "") -> list[dict]:
     return rows
 
 
+def bench_starts(rounds: int, only: str = "") -> list[dict]:
+    """The fit start, one fresh fit at a time: each round, every variant (the order rotating) fit()s a new copy of
+    the model for two epochs from one thread. Its start is the first epoch's time from ``on_train_begin`` (install,
+    every trace and compile) beyond the second epoch's time, as a ratio to plain's in the same round: median
+    (min..max) over rounds. :func:`bench` has one first epoch per variant, whose ratio moved by 0.2-0.5x from run to
+    run of the same code (plain against plain 0.57-1.23x)."""
+    import keras
+
+    variants = _variants()
+    rows = []
+    for label, model, weights, (x, y, loss, bs) in _warmed(only):
+        names = list(variants)
+        starts: dict[str, list[float]] = {v: [] for v in names}
+        for r in range(rounds):
+            shift = r % len(names)
+            for v in names[shift:] + names[:shift]:
+                marks: list[float] = []
+                _copy(model, weights, loss).fit(
+                    x, y, batch_size=bs, epochs=2, verbose=0, shuffle=False,
+                    callbacks=[_start_clock(marks, first=True), *variants[v](), _start_clock(marks, first=False)])
+                train_begin, first_end, second_begin, second_end = marks
+                starts[v].append((first_end - train_begin) - (second_end - second_begin))
+        ratios = {v: [s / p for s, p in zip(starts[v], starts["plain"])] for v in names[1:]}
+        rows.append({"model": f"{label} ({keras.backend.backend()}, fresh fits)",
+                     "plain_s": statistics.median(starts["plain"]),
+                     "ratio": {v: (statistics.median(q), min(q), max(q)) for v, q in ratios.items()}})
+    return rows
+
+
+def starts_table(rows: list[dict]) -> str:
+    """Markdown for :func:`bench_starts`: plain's median start, and each other variant's ratio to it."""
+    variants = list(rows[0]["ratio"])
+    head = "| model | fit start: plain | " + " | ".join(variants) + " |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [f"{m:.2f}x ({lo:.2f}..{hi:.2f}x)" for m, lo, hi in r["ratio"].values()]
+        lines.append(f"| {r['model']} | {r['plain_s']:.2f} s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _start_clock(marks: list[float], first: bool):
+    """First in the list: the times of ``on_train_begin`` and of the second epoch's begin; last in the list: the end
+    of each epoch, once every callback's ``on_epoch_end`` ran."""
+    import keras
+
+    class StartClock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if first:
+                marks.append(time.perf_counter())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if first and epoch == 1:
+                marks.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not first:
+                marks.append(time.perf_counter())
+
+    return StartClock()
+
+
 def _epoch_clock(times: list[float], first: bool):
     """Epoch hooks only (fit() stays asynchronous): first in the list, it starts the clock; last, it stops it once
     every callback's ``on_epoch_end`` ran."""

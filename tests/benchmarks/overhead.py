@@ -10,7 +10,8 @@ histogram_freq=1)``. GPU: tests/benchmarks/gpu.py.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
 [--keras-backend jax|torch]] [--keras-backends] [--keras-async --keras-backend jax|torch]
-[--keras-fits --keras-backend tensorflow|jax|torch] [--frameworks] [--rounds 3]
+[--keras-fits --keras-backend tensorflow|jax|torch] [--keras-starts --keras-backend tensorflow|jax]
+[--frameworks] [--rounds 3]
 Prints Markdown tables.
 """
 
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--keras-fits", action="store_true",
                     help="with --keras-backend: whole verbose=0 fits taking turns from one thread "
                          "(keras_cost.bench_fits)")
+    ap.add_argument("--keras-starts", action="store_true",
+                    help="with --keras-backend: the fit start over fresh fits, one at a time (keras_cost.bench_starts)")
     ap.add_argument("--keras-backends", action="store_true",
                     help="--keras on TensorFlow, JAX and torch, each in its own process (fixed at import)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
@@ -55,6 +58,11 @@ def main() -> None:
         return
     if args.keras_backend:
         os.environ["KERAS_BACKEND"] = args.keras_backend
+    if args.keras_starts:
+        from tests.benchmarks import keras_cost
+
+        print(keras_cost.starts_table(keras_cost.bench_starts(args.rounds, args.only)))
+        return
     if args.keras_async or args.keras_fits:
         from tests.benchmarks import keras_cost
 
