@@ -290,10 +290,12 @@ def bench_fits(rounds: int, only: str = "") -> list[dict]:
 
 def bench_starts(rounds: int, only: str = "") -> list[dict]:
     """The fit start, one fresh fit at a time: each round, every variant (the order rotating) fit()s a new copy of
-    the model for two epochs from one thread. Its start is the first epoch's time from ``on_train_begin`` (install,
-    every trace and compile) beyond the second epoch's time, as a ratio to plain's in the same round: median
-    (min..max) over rounds. :func:`bench` has one first epoch per variant, whose ratio moved by 0.2-0.5x from run to
-    run of the same code (plain against plain 0.57-1.23x)."""
+    the model for one epoch from one thread. Its start is the time from ``on_train_begin`` to the end of the second
+    step (install, and every trace and compile: sampled steps' train function runs at step 1, the other at step
+    2) beyond two steps at the median step time of the rest of the epoch, as a ratio to plain's in the same round:
+    median (min..max) over rounds. :func:`bench` has one first epoch per variant, whose ratio moved by 0.2-0.5x
+    from run to run of the same code (plain against plain 0.57-1.23x); and whole epochs here stall now and then
+    (50 steps of a median 32 ms took 1.5 to 4.2 s), so the start is not an epoch's difference to another."""
     import keras
 
     variants = _variants()
@@ -306,10 +308,11 @@ def bench_starts(rounds: int, only: str = "") -> list[dict]:
             for v in names[shift:] + names[:shift]:
                 marks: list[float] = []
                 _copy(model, weights, loss).fit(
-                    x, y, batch_size=bs, epochs=2, verbose=0, shuffle=False,
+                    x, y, batch_size=bs, epochs=1, verbose=0, shuffle=False,
                     callbacks=[_start_clock(marks, first=True), *variants[v](), _start_clock(marks, first=False)])
-                train_begin, first_end, second_begin, second_end = marks
-                starts[v].append((first_end - train_begin) - (second_end - second_begin))
+                begin, ends = marks[0], marks[1:]
+                step = statistics.median(b - a for a, b in zip(ends[1:], ends[2:]))
+                starts[v].append(ends[1] - begin - 2 * step)
         ratios = {v: [s / p for s, p in zip(starts[v], starts["plain"])] for v in names[1:]}
         rows.append({"model": f"{label} ({keras.backend.backend()}, fresh fits)",
                      "plain_s": statistics.median(starts["plain"]),
@@ -329,8 +332,8 @@ def starts_table(rows: list[dict]) -> str:
 
 
 def _start_clock(marks: list[float], first: bool):
-    """First in the list: the times of ``on_train_begin`` and of the second epoch's begin; last in the list: the end
-    of each epoch, once every callback's ``on_epoch_end`` ran."""
+    """First in the callback list: the time of ``on_train_begin``; last: the end of each step, its loss read back,
+    once every callback's ``on_train_batch_end`` ran."""
     import keras
 
     class StartClock(keras.callbacks.Callback):
@@ -338,12 +341,9 @@ def _start_clock(marks: list[float], first: bool):
             if first:
                 marks.append(time.perf_counter())
 
-        def on_epoch_begin(self, epoch, logs=None):
-            if first and epoch == 1:
-                marks.append(time.perf_counter())
-
-        def on_epoch_end(self, epoch, logs=None):
+        def on_train_batch_end(self, batch, logs=None):
             if not first:
+                float((logs or {}).get("loss", 0.0))  # the step's loss read back: JAX dispatches asynchronously
                 marks.append(time.perf_counter())
 
     return StartClock()
