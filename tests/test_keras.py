@@ -683,6 +683,19 @@ def test_measure_conds_in_fit_stay_functional_ifs_and_still_measure(monkeypatch)
         assert np.isnan(values[~measured][:, :, col]).all()
 
 
+def trace_marker(graphs: list):
+    """An identity layer that appends the graph it is traced in to ``graphs``: one entry per trace of the train step
+    it runs in (TensorFlow)."""
+    import tensorflow as tf
+
+    class TraceMarker(keras.layers.Layer):
+        def call(self, x):
+            graphs.append(tf.compat.v1.get_default_graph())
+            return x
+
+    return TraceMarker()
+
+
 @tf_only
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
 def test_fit_traces_each_train_function_once_and_the_optimizer_is_as_without_gradwatch(policy):
@@ -690,19 +703,13 @@ def test_fit_traces_each_train_function_once_and_the_optimizer_is_as_without_gra
     that created variables a second time. gradwatch builds it before that trace, as the trace would: its two
     train functions (sampled steps, the others) are traced once each, and the trained weights and the optimizer's
     variables (paths and values, the loss scaler's included) are those of the same fit without gradwatch."""
-    calls: list[int] = []
+    calls: list = []
     x, y = data(256)
-
-    class Counted(keras.layers.Layer):  # an identity: one call per trace of a train step
-        def call(self, x):
-            calls.append(1)
-            return x
-
     def run(callbacks):
         keras.mixed_precision.set_global_policy(policy)
         try:
             keras.utils.set_random_seed(0)
-            model = keras.Sequential([keras.Input((20,)), Counted(name="count"),
+            model = keras.Sequential([keras.Input((20,)), trace_marker(calls),
                                       keras.layers.Dense(32, activation="tanh", name="h"),
                                       keras.layers.Dense(1, name="out")], name="net")
             opt = keras.optimizers.Adam(1e-3, name="adam")
@@ -734,17 +741,10 @@ def test_gradwatch_adds_few_graph_ops_a_weight_to_the_traced_step():
     max |g| and update norms shared one cond)."""
     graphs: list = []
 
-    class Seen(keras.layers.Layer):  # an identity that keeps the graph of each trace of the train step
-        def call(self, x):
-            import tensorflow as tf
-
-            graphs.append(tf.compat.v1.get_default_graph())
-            return x
-
     def ops(callbacks: list) -> tuple[int, int]:
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((20,)), Seen()] + [keras.layers.Dense(64, activation="tanh")
-                                                                 for _ in range(10)] + [keras.layers.Dense(1)])
+        model = keras.Sequential([keras.Input((20,)), trace_marker(graphs)] + [
+            keras.layers.Dense(64, activation="tanh") for _ in range(10)] + [keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         x, y = data()
         model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=callbacks)

@@ -389,7 +389,7 @@ class KerasAdapter(Adapter):
         details, updates = _functional_cond(detail, measured, lambda: (tf.fill([k, 2], nan),
                                                                         tf.fill([len(watched), 2], nan)))
         row = _columns(tf.concat([norms[:, None], details], axis=1), [i for _, i in have], p, 3)
-        row = tf.concat([row, _columns(updates if watched else None, [i for _, i in watched], p, 2)], axis=1)
+        row = tf.concat([row, _columns(updates, [i for _, i in watched], p, 2)], axis=1)
         count = self._count
         slot = [[tf.where(collect, count % _RING, tf.constant(_RING, tf.int64))]]
         _write(self._acc, slot, [row])
