@@ -47,6 +47,9 @@ def main() -> None:
                     help="--keras on TensorFlow, JAX and torch, each in its own process (fixed at import)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="--keras: fresh copies per variant, each timed over --rounds epochs; the row is the median "
+                         "over copies (keras_cost.bench)")
     ap.add_argument("--only", default="", help="Keras: only the models whose name contains this (e.g. CNN)")
     args = ap.parse_args()
     if args.keras_backends:
@@ -54,7 +57,8 @@ def main() -> None:
 
         for backend in ("tensorflow", "jax", "torch"):
             subprocess.run([sys.executable, __file__, "--keras", "--keras-backend", backend, "--rounds",
-                            str(args.rounds), "--steps", str(args.steps), "--only", args.only], check=True)
+                            str(args.rounds), "--steps", str(args.steps), "--copies", str(args.copies), "--only",
+                            args.only], check=True)
         return
     if args.keras_backend:
         os.environ["KERAS_BACKEND"] = args.keras_backend
@@ -78,7 +82,7 @@ def main() -> None:
     if args.keras:
         from tests.benchmarks import keras_cost
 
-        print(keras_cost.table(keras_cost.bench(args.rounds, args.only)))
+        print(keras_cost.table(keras_cost.bench(args.rounds, args.only, args.copies)))
     if args.frameworks:
         from tests.benchmarks.frameworks import bench_frameworks, table
 
