@@ -87,11 +87,12 @@ def test_keras_gated_rnn_on_a_memory_task_is_healthy(cell):
     y = (x[:, 0, 0] > 0).astype("int32")
     model = same_init(keras.Sequential([keras.Input((30, 4)), getattr(keras.layers, cell)(32, name="rnn"),
                                         keras.layers.Dense(2)]))
-    report, before, history = _fit(model, x, y, keras.optimizers.Adam(1e-2),
+    report, before, history = _fit(model, x, y, keras.optimizers.Adam(5e-3),
                                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), epochs=25,
                                    batch_size=64)
-    # The label: it learns to remember step 1. (Its best epoch: at lr 1e-2 the loss is noisy late in training, and
-    # the backends, identical for 7 epochs from the same weights, then part by float error.)
+    # The label: it learns to remember step 1. (Its best epoch: the backends, identical for some epochs from the same
+    # weights, then part by float error. At lr 1e-2 the torch backend's LSTM came down to 0.754 of its first loss
+    # only, 2026-12-07, the same with and without gradwatch; at 5e-3 every backend reads 0.34-0.54.)
     assert min(history) < 0.7 * before, (before, history)
     assert not report.findings, [str(f) for f in report.findings]
 
