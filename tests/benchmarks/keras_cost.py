@@ -13,6 +13,8 @@ dispatch is waited for, in every variant alike); the last batch of an epoch also
 - ``gradwatch``: ``gradwatch.KerasCallback(reporters=[])`` at its defaults (every=1: every step's gradients, the
   update ratio every 10th, activations every 25th, a flush every 25th);
 - ``gradwatch, activation_every=0``: the same without activation sampling (what the sampling costs);
+- ``floor`` (TensorFlow only): the L2 norm of every gradient in the traced step and nothing else (:func:`_floor`),
+  the least an every-step monitor can cost, as the PyTorch table's floor;
 - ``TensorBoard(histogram_freq=1)`` (TensorFlow only: its histograms are a TensorFlow feature).
 
 The figure per variant is the mean step time over each epoch after the first (50 steps: two whole periods of
@@ -24,7 +26,13 @@ On the torch backend, which runs eagerly, the threads gave nonsense (plain again
 LSTM: torch's thread pools per Python thread): there each variant's ``train_step`` runs in turn from one thread, a
 step at a time, with its callbacks' batch and epoch hooks called around it as ``fit()`` calls them.
 
-Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5]
+``--keras-stepped`` (TensorFlow, :func:`_stepped`): the same variants and figures with no thread per variant:
+``fit()``'s loop unrolled, every variant's step in turn from one thread, each step timed whole (its batch hooks
+included). The threads' harness read the TensorFlow MLP's gradwatch about 1.5 points higher than this one in the
+same process, over the same fresh copies, and its floor 1.3 points higher (6 copies each, 2026-12-07).
+
+Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5] [--copies 6]
+[--keras-stepped]
 
 The timer above reads each step's loss back in ``on_train_batch_end``, which also makes Keras call every batch-end
 hook on ``fit()``'s thread. A ``verbose=0`` fit with no such hook runs them in a worker thread instead (JAX and
@@ -209,22 +217,54 @@ def _variants() -> dict[str, Callable[[], list]]:
             "gradwatch, activation_every=0": lambda: [gradwatch.KerasCallback(reporters=[], activation_every=0)]}
 
 
-def bench(rounds: int, only: str = "", copies: int = 1) -> list[dict]:
+def _floor():
+    """TensorFlow: the least an every-step monitor can cost, as the PyTorch table's *floor*: the L2 norm of every
+    gradient, taken in the traced step (an instance wrapper of the optimizer's ``apply``, as gradwatch's) and kept in
+    a variable, so nothing of it is pruned; no max |g|, no update ratio, no ring, no flush."""
+    import keras
+    import tensorflow as tf
+
+    class Floor(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):  # after make_train_function, before its first trace
+            opt = self.model.optimizer
+            inner = getattr(opt, "inner_optimizer", opt)
+            original = type(inner).apply
+            self.norms = tf.Variable(tf.zeros([len(self.model.trainable_variables)]), trainable=False)
+
+            def apply(grads, trainable_variables=None):
+                grads = list(grads)
+                self.norms.assign(tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(g) for g in grads])))
+                return original(inner, grads, trainable_variables)
+
+            inner.apply = apply
+
+    return Floor()
+
+
+def bench(rounds: int, only: str = "", copies: int = 1, stepped: bool = False) -> list[dict]:
     """Per model, ``copies`` times over: a fresh copy per variant, ``rounds`` + 1 epochs in turns (see the module's
-    docstring). Each copy's figure is its median over epochs; the row gives the median (min..max) over copies."""
+    docstring). Each copy's figure is its median over epochs; the row gives the median (min..max) over copies.
+    ``stepped`` (TensorFlow): the variants take turns from one thread (:func:`_stepped`), not a thread each."""
+    import gc
+
     import keras
 
     backend = keras.backend.backend()
     variants = _variants()
     if backend == "tensorflow":
+        variants["floor"] = lambda: [_floor()]
         variants["TensorBoard(histogram_freq=1)"] = lambda: [keras.callbacks.TensorBoard(
             log_dir=tempfile.mkdtemp(), histogram_freq=1)]
     rows = []
     for label, model, weights, (x, y, loss, bs) in _warmed(only):
         parts = []
         for _ in range(copies):
+            gc.collect()  # the last copies' graphs: collected here, not in some variant's timed step
             if backend == "torch":
                 parts.append(_eager(label, backend, weights, model, x, y, loss, bs, variants, rounds))
+                continue
+            if stepped:
+                parts.append(_stepped(label, backend, weights, model, x, y, loss, bs, variants, rounds))
                 continue
             names = list(variants)
             turns = _Turns(names)
@@ -502,6 +542,60 @@ def _eager(label: str, backend: str, weights, model, x, y, loss, bs: int, varian
     for v in names:
         runs[v][1].on_train_end()
     return _row(label, backend, times, {v: first[v] + sum(times[v][0]) for v in names})
+
+
+def _stepped(label: str, backend: str, weights, model, x, y, loss, bs: int, variants: dict, rounds: int) -> dict:
+    """TensorFlow, from one thread: ``fit()``'s own loop, unrolled (its epoch iterator, ``make_train_function``,
+    the callbacks' hooks, ``train_function`` on the iterator, the loss read back as ``verbose=1`` does), every
+    variant's step in turn (the order rotating), each timed whole: its batch hooks, gradwatch's flush, the epoch's
+    end on its last step. No thread per variant, no turn to wait for inside a step."""
+    import keras
+    from keras.src.backend.tensorflow.trainer import TFEpochIterator
+    from keras.src.callbacks.callback_list import CallbackList
+
+    names = list(variants)
+    runs, first = {}, {}
+    for v in names:
+        m = _copy(model, weights, loss)
+        it = TFEpochIterator(x=x, y=y, batch_size=bs, shuffle=False, distribute_strategy=m.distribute_strategy,
+                             steps_per_execution=m.steps_per_execution)
+        m._maybe_symbolic_build(iterator=it)
+        it.reset()
+        cbs = CallbackList(variants[v](), add_history=True, model=m, epochs=rounds + 1, steps=it.num_batches)
+        m.stop_training = False
+        t0 = time.perf_counter()
+        m.make_train_function()
+        cbs.on_train_begin()
+        first[v] = time.perf_counter() - t0  # the install; every trace and compile falls in the first epoch
+        runs[v] = (m, it, cbs)
+    times = {v: [[] for _ in range(rounds + 1)] for v in names}
+    for epoch in range(rounds + 1):
+        batches = {}
+        for v in names:
+            m, it, cbs = runs[v]
+            m.reset_metrics()
+            cbs.on_epoch_begin(epoch)
+            batches[v] = iter(it)
+        for b in range(STEPS):
+            shift = (epoch * STEPS + b) % len(names)
+            for v in names[shift:] + names[:shift]:
+                m, _, cbs = runs[v]
+                t0 = time.perf_counter()
+                begin, end, iterator = next(batches[v])
+                cbs.on_train_batch_begin(begin)
+                logs = m.train_function(iterator)
+                float(keras.ops.convert_to_numpy(logs["loss"]))
+                cbs.on_train_batch_end(end, logs)
+                times[v][epoch].append(time.perf_counter() - t0)
+        for v in names:
+            for _ in batches[v]:  # the iterator's end
+                pass
+            t0 = time.perf_counter()
+            runs[v][2].on_epoch_end(epoch, {})
+            times[v][epoch][-1] += time.perf_counter() - t0
+    for v in names:
+        runs[v][2].on_train_end()
+    return _row(label, f"{backend}, stepped", times, {v: first[v] + sum(times[v][0]) for v in names})
 
 
 def table(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ and an LSTM, ``fit()`` plain, with ``gradwatch.KerasCallback`` and with ``keras.
 histogram_freq=1)``. GPU: tests/benchmarks/gpu.py.
 
 Run: pip install -c constraints.txt -e ".[bench]" && python tests/benchmarks/overhead.py [--torch] [--keras
-[--keras-backend jax|torch]] [--keras-backends] [--keras-async --keras-backend jax|torch]
+[--keras-backend jax|torch] [--copies N] [--keras-stepped]] [--keras-backends] [--keras-async --keras-backend jax|torch]
 [--keras-fits --keras-backend tensorflow|jax|torch] [--keras-starts --keras-backend tensorflow|jax]
 [--frameworks] [--rounds 3]
 Prints Markdown tables.
@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1,
                     help="--keras: fresh copies per variant, each timed over --rounds epochs; the row is the median "
                          "over copies (keras_cost.bench)")
+    ap.add_argument("--keras-stepped", action="store_true",
+                    help="with --keras on TensorFlow: the variants take turns from one thread, fit()'s loop "
+                         "unrolled, instead of a fit() thread each (keras_cost._stepped)")
     ap.add_argument("--only", default="", help="Keras: only the models whose name contains this (e.g. CNN)")
     args = ap.parse_args()
     if args.keras_backends:
@@ -82,7 +85,7 @@ def main() -> None:
     if args.keras:
         from tests.benchmarks import keras_cost
 
-        print(keras_cost.table(keras_cost.bench(args.rounds, args.only, args.copies)))
+        print(keras_cost.table(keras_cost.bench(args.rounds, args.only, args.copies, args.keras_stepped)))
     if args.frameworks:
         from tests.benchmarks.frameworks import bench_frameworks, table
 
