@@ -37,9 +37,9 @@ def data(n=512, d=20, seed=0):
     return x, (np.sin(2 * x[:, :1]) + x[:, 1:2] * x[:, 2:3]).astype("float32")
 
 
-def mlp(act, depth=10, init="glorot_uniform", width=64):
+def mlp(act, depth=10, init="glorot_uniform"):
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((20,))] + [keras.layers.Dense(width, activation=act, kernel_initializer=init)
+    return keras.Sequential([keras.Input((20,))] + [keras.layers.Dense(64, activation=act, kernel_initializer=init)
                                                     for _ in range(depth)] + [keras.layers.Dense(1, name="head")])
 
 
@@ -263,14 +263,12 @@ def test_huge_learning_rate_goes_nonfinite_with_its_origin():
     assert "learning_rate" in report.recommendations[0].snippet
 
 
-@pytest.mark.parametrize("width, depth", [(64, 3), (160, 4)])
-def test_nan_gradient_between_detail_steps_is_found_at_its_step_and_counted(width, depth):
+def test_nan_gradient_between_detail_steps_is_found_at_its_step_and_counted():
     # Max |g| and the non-finite count are taken every update_every collected steps; a step whose gradient norm is
     # not finite is counted at once. A NaN input row at step 5 (batch 5 of the first epoch) makes every gradient NaN.
-    # 3 layers of 64 (8.5k weights) measure without a cond on TensorFlow; 4 of 160 (80.8k) count in one of their own.
     x, y = data()
     x[4 * 64] = np.nan
-    model = mlp("tanh", depth=depth, width=width)
+    model = mlp("tanh", depth=3)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     cb = gradwatch.KerasCallback(reporters=[])
     model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
@@ -651,14 +649,13 @@ def test_callback_keeps_fits_asynchronous_dispatch_and_records_the_same_steps_an
 
 
 @tf_only
-@pytest.mark.parametrize("width, ifs", [(64, 0), (160, 3)])
+@pytest.mark.parametrize("width, ifs", [(64, 0), (160, 2)])
 def test_measure_gates_are_functional_ifs_on_larger_models_and_none_on_small_ones(monkeypatch, width, ifs):
     """In a real fit(), what gradwatch takes on measure steps only (max |g|, the weights before the update, the update
     norms) is gated by functional If ops, which TensorFlow does not lower to Switch/Merge (whose branch not taken is
-    still visited every step), from 2**16 weights up (4 layers of 160: 80.8k), and the non-finite count by one more,
-    nested, taken only when a gradient norm is not finite. A smaller model (4 layers of 64: 13.9k) has no If in its
-    step: an If costs more a step than these ops on small tensors. Either way, what they gate arrives on the measure
-    steps (1 and 11 of 16), NaN on the others."""
+    still visited every step), from 2**16 weights up (4 layers of 160: 80.8k). A smaller model (4 layers of 64: 13.9k)
+    has no If in its step: an If costs more a step than these ops on small tensors. Either way, what they gate
+    arrives on the measure steps (1 and 11 of 16), NaN on the others."""
     import tensorflow as tf
 
     import gradwatch.adapters.keras as keras_adapter
@@ -681,7 +678,7 @@ def test_measure_gates_are_functional_ifs_on_larger_models_and_none_on_small_one
                              + [keras.layers.Dense(1)])
     fit(model, cb, epochs=2)
     assert (sum(int(np.prod(w.shape)) for w in model.trainable_weights) >= 2 ** 16) == (ifs > 0)
-    assert len(made) == ifs  # the weights before the update; max |g| and the update norms; the non-finite count
+    assert len(made) == ifs  # the weights before the update; max |g| and the update norms
     assert all(op.get_attr("_lower_using_switch_merge") is False for op in made)
     history = cb.watcher.history
     measured = np.isin(history.steps, [1, 11])
@@ -691,49 +688,6 @@ def test_measure_gates_are_functional_ifs_on_larger_models_and_none_on_small_one
     for col in (GRAD_MAX, UPDATE_NORM):
         assert np.isfinite(values[measured][:, :, col]).all() and (values[measured][:, :, col] > 0).all()
         assert np.isnan(values[~measured][:, :, col]).all()
-
-
-@tf_only
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_update_norm_of_a_large_weight_is_estimated_from_a_sample_within_two_percent(optimizer):
-    """On CPU a weight of 2**16 elements or more keeps every 7th 64-byte line of itself as its weight before the update
-    (the PyTorch adapter's sample); its update norm is the sample's, scaled. Its weight norm, every gradient figure
-    and every smaller weight's figures stay exact: each against the weights read around each batch of a real fit()."""
-    from gradwatch.core.stats import GRAD_NORM, UPDATE_NORM, WEIGHT_NORM
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((768, 64)).astype("float32")
-    y = np.sin(x[:, :1]).astype("float32")
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(512, activation="tanh"),
-                              keras.layers.Dense(512, activation="tanh"), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3) if optimizer == "adam" else keras.optimizers.SGD(0.05),
-                  loss="mse")
-    weights: list = []
-
-    class Weights(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            weights.append([v.numpy().copy() for v in self.model.trainable_weights])
-
-        def on_train_batch_end(self, batch, logs=None):
-            weights[-1] = (weights[-1], [v.numpy().copy() for v in self.model.trainable_weights])
-
-    cb = gradwatch.KerasCallback(reporters=[], update_every=3)
-    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False, callbacks=[cb, Weights()])
-    history, names = cb.watcher.history, cb.watcher.adapter.table.param_names
-    assert list(history.steps) == list(range(1, 13))
-    errors = []
-    for r in (0, 3, 6, 9):  # the measure steps
-        for j, (name, before, after) in enumerate(zip(names, *weights[r])):
-            got = history.values[r, j]
-            assert got[GRAD_NORM] > 0
-            np.testing.assert_allclose(got[WEIGHT_NORM], np.linalg.norm(before), rtol=1e-5, err_msg=name)
-            want = np.linalg.norm(after.astype("float64") - before)
-            if before.size >= 2 ** 16:  # the 512 x 512 kernel: sampled
-                errors.append(abs(got[UPDATE_NORM] / want - 1))
-            else:
-                np.testing.assert_allclose(got[UPDATE_NORM], want, rtol=1e-4, err_msg=f"{name} step {r + 1}")
-    assert len(errors) == 4 and 0 < max(errors) < 0.02, errors
 
 
 def trace_marker(graphs: list):

@@ -41,8 +41,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from gradwatch.core.stats import UPDATE_SAMPLE_EVERY, UPDATE_SAMPLE_MIN
-
 __all__ = ["Layout", "Packed", "Snapshot", "count_nonfinite", "host_grad_columns", "sum_of_squares"]
 
 #: Tensors under this many elements are packed (``cat``) with the others of their shape. Around 4K elements a
@@ -52,9 +50,9 @@ GROUP_MAX = 1 << 13
 GROUP_CAP = 1 << 22
 #: CPU weights with at least this many elements (and rows of at least 8 sampled lines' length) have their update
 #: norm estimated from a sample (:class:`Snapshot`); smaller ones are copied whole.
-SAMPLE_MIN = UPDATE_SAMPLE_MIN
-#: One 64-byte line in this many is sampled.
-SAMPLE_EVERY = UPDATE_SAMPLE_EVERY
+SAMPLE_MIN = 1 << 16
+#: One 64-byte line in this many is sampled: 7 is odd, so on rows a power of two long the sample shifts row to row.
+SAMPLE_EVERY = 7
 
 _F32 = torch.float32
 

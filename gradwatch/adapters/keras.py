@@ -37,8 +37,6 @@ from gradwatch.core.stats import (
     SATURATION_MARGIN,
     STAT_NAMES,
     TIME_EDGE_DIVISOR,
-    UPDATE_SAMPLE_EVERY,
-    UPDATE_SAMPLE_MIN,
     ActivationRows,
     ParamTable,
     StepBatch,
@@ -62,7 +60,6 @@ _TRANSPARENT = {"Dropout", "Flatten", "Reshape", "MaxPooling1D", "MaxPooling2D",
                 "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "SpatialDropout2D",
                 "InputLayer"}
 _RING = 256  # rows the device ring holds; the callback flushes long before it wraps
-_LINE = 16  # float32 values in a 64-byte line (the update-norm sample's unit)
 _INLINE_DETAIL = 1 << 16  # weights (elements) under which the traced step measures without a cond
 _ACT_RING = 32  # activation samples the device holds between flushes
 _DEAD_ACTS = ("relu", "relu6")
@@ -338,28 +335,17 @@ class KerasAdapter(Adapter):
             norms = tf.sqrt(2.0 * tf.stack([tf.nn.l2_loss(g) for g, _ in have]))
             return tf.where(tf.math.is_nan(norms), float("inf"), norms)
 
-        # The weights before the update in a cond (kept functional: _functional_cond) on measure steps, with their
-        # norms. A weight kept whole is a read, which the optimizer's assignment then copies (copy-on-write). On CPU
-        # a large weight keeps every 7th 64-byte line only (_lines: a small copy, so nothing holds the variable's
-        # buffer and the assignment copies nothing), as the PyTorch adapter does; its norm is read in place, exactly.
-        # Made to wait for the norms, the snapshot held every update back until the last gradient's norm was taken
-        # (+4.6% a step on a 20-layer MLP, measured). Outside XLA the other branch gives one scalar for every
-        # weight; XLA wants both branches of one shape.
+        # The weights before the update in a cond (kept functional: _functional_cond) on measure steps: a read,
+        # which the optimizer's assignment then copies (copy-on-write). Made to wait for the norms, it held every
+        # update back until the last gradient's norm was taken (+4.6% a step on a 20-layer MLP, measured). Outside
+        # XLA the other branch gives one scalar for every weight; XLA wants both branches of one shape.
         weights = [v for v, _ in watched]
         xla = bool(getattr(self.model, "jit_compile", False))
-        scales = [_sample_scale(v) for v in weights]
-
-        def snapshot():
-            values = [tf.cast(v, tf.float32) for v in weights]
-            kept = [_lines(w) if scale else w for w, scale in zip(values, scales)]
-            return kept, tf.stack([tf.nn.l2_loss(w) for w in values])
 
         def unmeasured():
-            nans = tf.fill([len(weights)], nan)
             if xla:
-                return [tf.zeros(_lines_shape(v.shape) if scale else v.shape, tf.float32)
-                        for v, scale in zip(weights, scales)], nans
-            return [tf.zeros([])] * len(weights), nans
+                return [tf.zeros(tf.shape(v), tf.float32) for v in weights]
+            return [tf.zeros([])] * len(weights)
 
         # A small model's step runs no cond: its figures are taken on every step and masked to NaN where not due. In
         # fit() the two Ifs cost more than these ops on small tensors: a TensorFlow SimpleRNN (17.8k weights),
@@ -374,9 +360,9 @@ class KerasAdapter(Adapter):
             if self.every > 1 else l2()
         # A step with a non-finite gradient gets its max |g| and count at once, whatever the schedule.
         nonfinite = tf.logical_and(collect, tf.logical_not(tf.reduce_all(tf.math.is_finite(norms))))
-        before = (*gated(measure, snapshot, unmeasured), scales) if weights else None
+        before = gated(measure, lambda: [tf.cast(v, tf.float32) for v in weights], unmeasured) if weights else []
         detail = tf.logical_or(measure, nonfinite)
-        return step_id, collect, (norms, have, detail, nonfinite, gated), measure, watched, before
+        return step_id, collect, (norms, have, detail, gated), measure, watched, list(before)
 
     def _record(self, step_id, collect, stats, measure, watched, before) -> None:
         """In the traced step, after the update: on measure steps (and steps whose norms are not finite) max |g| and
@@ -386,7 +372,7 @@ class KerasAdapter(Adapter):
 
         nan = float("nan")
         p = self._table.n_params
-        norms, have, detail, nonfinite, gated = stats
+        norms, have, detail, gated = stats
         k = len(have)
 
         def measured():
@@ -401,24 +387,15 @@ class KerasAdapter(Adapter):
                     axes[rank] = tf.constant(list(range(rank)), tf.int32)
                 return op(input=x, axis=axes[rank])
 
-            def count():  # a finite norm means no inf/NaN: counted (one more pass) only on a step with one
-                return tf.stack([reduce(tf.raw_ops.Sum, tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))
-                                 for g, _ in have])
-
-            if have:
-                peak = tf.stack([reduce(tf.raw_ops.Max, tf.abs(g)) for g, _ in have])
-                bad = gated(nonfinite, count, lambda: tf.zeros([k]))
-                maxima = tf.where(detail, tf.stack([peak, bad], axis=1), nan)
-            else:
-                maxima = tf.zeros([0, 2])
+            peak = [reduce(tf.raw_ops.Max, tf.abs(g)) for g, _ in have]
+            bad = [reduce(tf.raw_ops.Sum, tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32)) for g, _ in have]
+            maxima = tf.where(detail, tf.stack([tf.stack(peak), tf.stack(bad)], axis=1), nan) if have \
+                else tf.zeros([0, 2])
             if not watched:
                 return maxima, tf.zeros([0, 2])
-            kept, base, scales = before
-            step = []
-            for (v, _), b, scale in zip(watched, kept, scales):
-                now = tf.cast(v, tf.float32)
-                step.append(tf.nn.l2_loss(_lines(now) - b) * scale if scale else tf.nn.l2_loss(now - b))
-            updates = tf.sqrt(2.0 * tf.stack([base, tf.stack(step)], axis=1))
+            base = [tf.nn.l2_loss(b) for b in before]
+            step = [tf.nn.l2_loss(tf.cast(v, tf.float32) - b) for (v, _), b in zip(watched, before)]
+            updates = tf.sqrt(2.0 * tf.stack([tf.stack(base), tf.stack(step)], axis=1))
             return maxima, tf.where(measure, updates, nan)  # not a measure step: no weights before the update
 
         details, updates = gated(detail, measured, lambda: (tf.fill([k, 2], nan), tf.fill([len(watched), 2], nan)))
@@ -984,38 +961,6 @@ def _time_probe(x, target: _ActTarget, handle, sample, slot, col: int, gate: boo
         return tf.identity(x), grad
 
     return probe(x, anchor)
-
-
-def _sample_scale(v) -> float | None:
-    """For a weight whose update norm is estimated from a sample (:func:`_lines`): the sum of squares' scale, its
-    size over the sample's; ``None`` for a weight kept whole. Sampled: a floating weight of at least
-    ``UPDATE_SAMPLE_MIN`` elements (the PyTorch adapter's cut) with at least ``UPDATE_SAMPLE_EVERY`` rows, so the
-    lines taken shift over every output unit (the last axis), not on a GPU (there the copy is cheap)."""
-    shape = tuple(v.shape)
-    if len(shape) < 2 or None in shape or math.prod(shape) < UPDATE_SAMPLE_MIN or "GPU" in _device(v).upper():
-        return None
-    if "float" not in str(v.dtype) or math.prod(shape[:-1]) < UPDATE_SAMPLE_EVERY:
-        return None
-    return math.prod(shape) / math.prod(_lines_shape(shape))
-
-
-def _device(v) -> str:
-    value = getattr(v, "value", v)
-    return str(getattr(value, "device", "") or "")
-
-
-def _lines_shape(shape) -> tuple[int, int]:
-    n = math.prod(shape) // _LINE
-    return (n + UPDATE_SAMPLE_EVERY - 1) // UPDATE_SAMPLE_EVERY, _LINE
-
-
-def _lines(w) -> Any:
-    """Every ``UPDATE_SAMPLE_EVERY``-th 64-byte line of a float32 weight, as a ``(k, 16)`` copy of about a seventh of
-    it (the PyTorch adapter's sample: ``_torch_packed._lines``)."""
-    import tensorflow as tf
-
-    n = math.prod(w.shape) // _LINE
-    return tf.reshape(tf.reshape(w, [-1])[:n * _LINE], [n, _LINE])[::UPDATE_SAMPLE_EVERY]
 
 
 def _is_param(v) -> bool:

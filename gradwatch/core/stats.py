@@ -38,12 +38,6 @@ TIME_EDGE_DIVISOR = 10
 DEAD_UNIT_SAMPLES = 3
 #: A steady per-step update ratio ``||dw||/||w||`` (Karpathy, CS231n notes: "somewhere around 1e-3").
 TYPICAL_UPDATE_RATIO = 1e-3
-#: On CPU, a weight of at least this many elements has its update norm ``||w - w_new||`` estimated from a fixed
-#: sample of it (every ``UPDATE_SAMPLE_EVERY``-th 64-byte line) instead of a whole copy; its weight norm stays
-#: exact. Both adapters use the same cut (PyTorch: ``_torch_packed.Snapshot``; Keras on TensorFlow).
-UPDATE_SAMPLE_MIN = 1 << 16
-#: One 64-byte line in this many is sampled: 7 is odd, so on rows a power of two long the sample shifts row to row.
-UPDATE_SAMPLE_EVERY = 7
 #: Layer kinds whose gradients take part in the depth profile. Embedding tables receive gradients only in
 #: the rows a batch uses and normalization gains scale differently, so neither is compared with the rest.
 PROFILE_KINDS = frozenset({"dense", "conv", "recurrent", "attention"})
