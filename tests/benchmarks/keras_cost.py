@@ -28,8 +28,8 @@ step at a time, with its callbacks' batch and epoch hooks called around it as ``
 
 ``--keras-stepped`` (TensorFlow, :func:`_stepped`): the same variants and figures with no thread per variant:
 ``fit()``'s loop unrolled, every variant's step in turn from one thread, each step timed whole (its batch hooks
-included). The threads' harness read the TensorFlow MLP's gradwatch about 1.5 points higher than this one in the
-same process, over the same fresh copies, and its floor 1.3 points higher (6 copies each, 2026-12-07).
+included). Neither harness leans one way: over 6 fresh copies each (2026-12-07), the threads read the TensorFlow
+MLP's gradwatch at +7.4% where this one read +4.8%, and the SimpleRNN's at +3.4% where this one read +4.9%.
 
 Run: python tests/benchmarks/overhead.py --keras [--keras-backend jax|torch] [--rounds 5] [--copies 6]
 [--keras-stepped]
