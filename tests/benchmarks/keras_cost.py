@@ -250,6 +250,9 @@ def bench(rounds: int, only: str = "", copies: int = 1, stepped: bool = False) -
     import keras
 
     backend = keras.backend.backend()
+    if stepped and backend != "tensorflow":
+        raise SystemExit(f"--keras-stepped unrolls TensorFlow's fit() loop; this Keras runs on {backend!r}: run it "
+                         "with --keras-backend tensorflow")
     variants = _variants()
     if backend == "tensorflow":
         variants["floor"] = lambda: [_floor()]
