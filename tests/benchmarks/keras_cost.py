@@ -507,44 +507,60 @@ def _row(label: str, backend: str, epochs: dict[str, list[list[float]]], first: 
             "start": {v: once[v] / once["plain"] for v in names[1:]}, "start_s": once}
 
 
+def _from_one_thread(label: str, backend: str, runs: dict, rounds: int, first: dict[str, float]) -> dict:
+    """The one-thread harnesses' turns: per variant, ``runs[v]`` is ``(callbacks, epoch)``, where ``epoch(n)`` (called
+    before the callbacks' ``on_epoch_begin``) returns ``(step, done)``: ``step(b)`` runs batch ``b`` with its batch
+    hooks, ``done()`` (or ``None``) ends the epoch's data before ``on_epoch_end``, untimed. Each step, every variant's
+    in turn (the order rotating), each timed whole; the epoch's end is on its last step. ``first[v]``: the install's
+    time, before the first epoch (which holds every trace and compile)."""
+    names = list(runs)
+    times = {v: [[] for _ in range(rounds + 1)] for v in names}
+    for n in range(rounds + 1):
+        steps = {}
+        for v in names:
+            cbs, epoch = runs[v]
+            steps[v] = epoch(n)
+            cbs.on_epoch_begin(n)
+        for b in range(STEPS):
+            shift = (n * STEPS + b) % len(names)
+            for v in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                steps[v][0](b)
+                times[v][n].append(time.perf_counter() - t0)
+        for v in names:
+            if steps[v][1] is not None:
+                steps[v][1]()
+            t0 = time.perf_counter()
+            runs[v][0].on_epoch_end(n, {})
+            times[v][n][-1] += time.perf_counter() - t0
+    for v in names:
+        runs[v][0].on_train_end()
+    return _row(label, backend, times, {v: first[v] + sum(times[v][0]) for v in names})
+
+
 def _eager(label: str, backend: str, weights, model, x, y, loss, bs: int, variants: dict, rounds: int) -> dict:
     """Eager backends: one thread; each step, every variant's ``train_step`` on the same batch in turn (the order
     rotating), its callbacks' hooks around it as in ``fit()``."""
     import keras
 
-    names = list(variants)
-    runs = {}
-    for v in names:
+    runs, first = {}, {}
+    for v in variants:
         m = _copy(model, weights, loss)
         cbs = keras.callbacks.CallbackList(variants[v](), model=m)
-        runs[v] = (m, cbs)
-    times = {v: [[] for _ in range(rounds + 1)] for v in names}
-    first = {}
-    for v in names:
-        m, cbs = runs[v]
+
+        def epoch(n, m=m, cbs=cbs):
+            def step(b):
+                cbs.on_train_batch_begin(b)
+                logs = m.train_step((x[b * bs:(b + 1) * bs], y[b * bs:(b + 1) * bs]))
+                cbs.on_train_batch_end(b, {k: float(keras.ops.convert_to_numpy(val)) for k, val in logs.items()})
+            return step, None
+
+        runs[v] = (cbs, epoch)
+    for v, (cbs, _) in runs.items():
         t0 = time.perf_counter()
         cbs.on_train_begin()
         first[v] = time.perf_counter() - t0  # the install; the eager step itself has nothing to trace
-    for epoch in range(rounds + 1):
-        for v in names:
-            runs[v][1].on_epoch_begin(epoch)
-        for b in range(STEPS):
-            data = (x[b * bs:(b + 1) * bs], y[b * bs:(b + 1) * bs])
-            shift = (epoch * STEPS + b) % len(names)
-            for v in names[shift:] + names[:shift]:
-                m, cbs = runs[v]
-                t0 = time.perf_counter()
-                cbs.on_train_batch_begin(b)
-                logs = m.train_step(data)
-                cbs.on_train_batch_end(b, {k: float(keras.ops.convert_to_numpy(val)) for k, val in logs.items()})
-                times[v][epoch].append(time.perf_counter() - t0)
-        for v in names:
-            t0 = time.perf_counter()
-            runs[v][1].on_epoch_end(epoch)
-            times[v][epoch][-1] += time.perf_counter() - t0
-    for v in names:
-        runs[v][1].on_train_end()
-    return _row(label, backend, times, {v: first[v] + sum(times[v][0]) for v in names})
+    return _from_one_thread(label, backend, runs, rounds, first)
 
 
 def _stepped(label: str, backend: str, weights, model, x, y, loss, bs: int, variants: dict, rounds: int) -> dict:
@@ -556,9 +572,8 @@ def _stepped(label: str, backend: str, weights, model, x, y, loss, bs: int, vari
     from keras.src.backend.tensorflow.trainer import TFEpochIterator
     from keras.src.callbacks.callback_list import CallbackList
 
-    names = list(variants)
     runs, first = {}, {}
-    for v in names:
+    for v in variants:
         m = _copy(model, weights, loss)
         it = TFEpochIterator(x=x, y=y, batch_size=bs, shuffle=False, distribute_strategy=m.distribute_strategy,
                              steps_per_execution=m.steps_per_execution)
@@ -570,35 +585,25 @@ def _stepped(label: str, backend: str, weights, model, x, y, loss, bs: int, vari
         m.make_train_function()
         cbs.on_train_begin()
         first[v] = time.perf_counter() - t0  # the install; every trace and compile falls in the first epoch
-        runs[v] = (m, it, cbs)
-    times = {v: [[] for _ in range(rounds + 1)] for v in names}
-    for epoch in range(rounds + 1):
-        batches = {}
-        for v in names:
-            m, it, cbs = runs[v]
+
+        def epoch(n, m=m, it=it, cbs=cbs):
             m.reset_metrics()
-            cbs.on_epoch_begin(epoch)
-            batches[v] = iter(it)
-        for b in range(STEPS):
-            shift = (epoch * STEPS + b) % len(names)
-            for v in names[shift:] + names[:shift]:
-                m, _, cbs = runs[v]
-                t0 = time.perf_counter()
-                begin, end, iterator = next(batches[v])
+            batches = iter(it)
+
+            def step(b):
+                begin, end, iterator = next(batches)
                 cbs.on_train_batch_begin(begin)
                 logs = m.train_function(iterator)
                 float(keras.ops.convert_to_numpy(logs["loss"]))
                 cbs.on_train_batch_end(end, logs)
-                times[v][epoch].append(time.perf_counter() - t0)
-        for v in names:
-            for _ in batches[v]:  # the iterator's end
-                pass
-            t0 = time.perf_counter()
-            runs[v][2].on_epoch_end(epoch, {})
-            times[v][epoch][-1] += time.perf_counter() - t0
-    for v in names:
-        runs[v][2].on_train_end()
-    return _row(label, f"{backend}, stepped", times, {v: first[v] + sum(times[v][0]) for v in names})
+
+            def done():  # the iterator's end
+                for _ in batches:
+                    pass
+            return step, done
+
+        runs[v] = (cbs, epoch)
+    return _from_one_thread(label, f"{backend}, stepped", runs, rounds, first)
 
 
 def table(rows: list[dict]) -> str:
