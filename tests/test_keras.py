@@ -482,6 +482,33 @@ def test_the_sampled_train_function_traces_a_recurrent_layer_once(monkeypatch):
     assert f.step == 1 and f.evidence["through_time"] and f.evidence["time_decades"]["rnn"] > 2
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX: the figures of fit()'s jitted sampled steps are its outputs")
+def test_jax_sampled_steps_return_their_figures_without_host_callbacks(monkeypatch):
+    """A host callback in the jitted step held each sampled step back by about 5 ms: the activation and
+    through-time figures now leave the step as outputs of its jitted function, read at the flush. With every
+    ``jax.debug.callback`` failing, both still arrive, on the schedule, and monitoring stays on."""
+    import jax
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a host callback in fit()'s jitted step")
+
+    monkeypatch.setattr(jax.debug, "callback", refused)
+    cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+    long_memory_fit("SimpleRNN", [cb])
+    report = cb.report()
+    assert report.monitoring == "detached"  # at the end of fit(), not "off" after an internal error
+    (f,) = report.findings_of("vanishing")
+    assert f.step == 1 and f.evidence["through_time"] and f.evidence["time_decades"]["rnn"] > 2
+    assert 0 <= report.layer("rnn").saturation < 0.5
+
+    keras.utils.set_random_seed(0)
+    model = mlp("sigmoid", depth=3)
+    sampled = gradwatch.KerasCallback(reporters=[], activation_every=2)
+    report = fit(model, sampled, epochs=1)
+    assert report.monitoring == "detached" and all(np.isfinite(report.layer(la.name).saturation)
+                                             for la in model.layers if la.activation.__name__ == "sigmoid")
+
+
 def test_simple_rnn_with_recurrent_radius_3_explodes_through_time_and_gets_clipping():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
