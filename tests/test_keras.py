@@ -508,6 +508,27 @@ def test_jax_sampled_steps_return_their_figures_without_host_callbacks(monkeypat
     assert report.monitoring == "detached" and all(np.isfinite(report.layer(la.name).saturation)
                                              for la in model.layers if la.activation.__name__ == "sigmoid")
 
+    # A loss scaler's skipped steps are told apart on the device too (an ordered callback cost every step ~5 ms),
+    # in a first fit() and in a second one, whose optimizer counters carry the first's steps.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = mlp("sigmoid")
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        x, y = data()
+        reports, applied = [], []
+        for _ in range(2):
+            cb = gradwatch.KerasCallback(reporters=[])
+            before = int(model.optimizer.inner_optimizer.iterations.numpy())  # counts the applied steps only
+            model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+            reports.append(cb.report())
+            applied.append(int(model.optimizer.inner_optimizer.iterations.numpy()) - before)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    first, second = reports
+    assert first.monitoring == second.monitoring == "detached"
+    assert first.step == second.step == 16 and 0 < first.skipped_steps < 16
+    assert [r.skipped_steps for r in reports] == [16 - n for n in applied]
+
 
 def test_simple_rnn_with_recurrent_radius_3_explodes_through_time_and_gets_clipping():
     keras.utils.set_random_seed(0)

@@ -45,8 +45,6 @@ class KerasJaxAdapter(KerasAdapter):
 
     def _make_rings(self) -> None:
         self._drained = self._step  # the last step id (the optimizer's, before any loss-scale mapping) drained
-        self._outer_steps = self._finite = 0  # with a LossScaleOptimizer: steps seen, steps applied
-        self._true_step: dict[int, int] = {}
         self._count = 0  # "installed": the rows wait in the optimizer's ring variables
         self._lifted: list[dict] = []  # figures the jitted sampled steps returned, read at the next drain
         self._ring_vars: list[Any] = []
@@ -329,6 +327,15 @@ class KerasJaxAdapter(KerasAdapter):
         steps = inner.add_variable((_RING + 1,), initializer="zeros", dtype="int32", name="gradwatch_steps")
         count = inner.add_variable((), initializer="zeros", dtype="int32", name="gradwatch_count")
         self._ring_vars = [rows, steps, count]
+        # With a loss scaler the inner apply runs on finite steps only, numbered by the inner counter: the outer
+        # apply counts every step, and each row keeps that count, so it gets its true step and the steps between
+        # rows are known skipped. On the device: a host callback there held every step back by about 5 ms.
+        seen = outer_at = None
+        if outer is not None:
+            seen = inner.add_variable((), initializer="zeros", dtype="int32", name="gradwatch_seen")
+            outer_at = inner.add_variable((_RING + 1,), initializer="zeros", dtype="int32", name="gradwatch_seen_at")
+            self._ring_vars += [seen, outer_at]
+        self._base = self._step
         self._read_applied = 0
         self._guard_checkpoints(outer if outer is not None else inner, inner)
 
@@ -369,19 +376,20 @@ class KerasJaxAdapter(KerasAdapter):
             slot = jnp.where(collected, n % _RING, _RING)
             rows.assign(rows.value.at[slot].set(cols))
             steps.assign(steps.value.at[slot].set(step))
+            if outer_at is not None:
+                outer_at.assign(outer_at.value.at[slot].set(seen.value))
             count.assign(n + collected.astype(jnp.int32))
 
         self._wrap_inner_apply(inner, measure, record, "Keras (JAX) optimizer.apply")
         self._installed_on = inner
         if outer is not None:
-            # The inner apply runs on finite steps only, numbered by the inner counter: the outer step says, in
-            # order, which steps were finite, so rows get their true step and skipped steps are known.
             outer_original = type(outer).stateless_apply
-            on_outer = self.guard(self._on_outer, "Keras (JAX) loss-scale step")
+            at = next(k for k, v in enumerate(outer.variables) if v is seen)  # the inner's are the outer's too
 
             def outer_stateless_apply(optimizer_variables, grads, trainable_variables):
-                if adapter.active:
-                    jax.debug.callback(on_outer, outer.check_finite(grads), ordered=True)
+                if adapter.active:  # this step counted, before the inner apply reads the count
+                    optimizer_variables = list(optimizer_variables)
+                    optimizer_variables[at] = optimizer_variables[at] + 1
                 return outer_original(outer, optimizer_variables, grads, trainable_variables)
 
             outer_stateless_apply.__gradwatch__ = True  # type: ignore[attr-defined]
@@ -440,19 +448,9 @@ class KerasJaxAdapter(KerasAdapter):
             self._inner._untrack_variable(v)
         self._ring_vars = []
 
-    def _on_outer(self, finite: Any) -> None:
-        self._outer_steps += 1
-        if bool(finite):
-            self._finite += 1
-            self._true_step[self._finite + self._offset] = self._outer_steps + self._offset
-
     def _read_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
-        import jax
-
-        if self._outer is not None:
-            jax.effects_barrier()  # the loss-scale steps' ordered callbacks: one wait per drain, none per step
         self._take_lifted()  # before the drain moves self._step past their steps
-        values, step_ids, count = self._ring_values()
+        values, step_ids, count, *scaled = self._ring_values()
         count = int(count)
         new = count - self._read_applied
         if new > _RING:
@@ -461,13 +459,14 @@ class KerasJaxAdapter(KerasAdapter):
             self._read_applied, new = count - _RING, _RING
         slots = [(self._read_applied + k) % _RING for k in range(new)]
         self._read_applied = count
-        rows = {int(step_ids[j]): values[j] for j in slots if int(step_ids[j]) > self._drained}
-        self._drained = max(rows, default=self._drained)
+        fresh = [j for j in slots if int(step_ids[j]) > self._drained]
+        self._drained = max((int(step_ids[j]) for j in fresh), default=self._drained)
         total = max(self._drained, self._step)
-        if self._outer is not None:  # inner step ids -> true steps; the steps in between were skipped
-            rows = {self._true_step.get(k, k): v for k, v in rows.items()}
-            self._true_step = {k: v for k, v in self._true_step.items() if v > max(rows, default=self._step)}
-            total = self._outer_steps + self._offset
+        true = step_ids
+        if scaled:  # a loss scaler: inner step ids -> true steps; the steps in between were skipped
+            seen, seen_at = scaled
+            true, total = seen_at + self._base, int(seen) + self._base
+        rows = {int(true[j]): values[j] for j in fresh}
         if not rows:
             return np.zeros((0, self._table.n_params, _P)), np.zeros(0, np.int64), max(total, self._step)
         order = np.asarray(sorted(rows), dtype=np.int64)
