@@ -17,10 +17,13 @@ gradients with no extra pass. What differs is where the figures go:
 
 Activations are sampled on both, on the steps the TensorFlow adapter samples: the ``call`` of the watched layers
 is wrapped, and recurrent layers' inputs (and sequence outputs) get an identity whose gradient records the
-gradient's norm at each time step. On JAX the sampled step is known inside the jitted step from the optimizer's
-``iterations`` in the train step's state, the figures leave it through ``jax.debug.callback`` inside a
-``lax.cond``, and the identity is a ``jax.custom_vjp`` tied to one of the layer's weights (so the backward pass
-reaches it even when its input is the data). On torch it is an autograd hook.
+gradient's norm at each time step. On JAX ``fit()`` runs one of two jitted steps, picked in Python
+from the count of steps; the sampled one returns the figures as outputs (lifted out of ``jax.value_and_grad`` by
+a ``custom_vjp`` forward rule), read at the next drain. Only a step run eagerly (``run_eagerly``) sends them through
+``jax.debug.callback``. The identity is a ``jax.custom_vjp`` tied to one of the layer's weights (so the backward pass
+reaches it even when its input is the data). A loss scaler's skipped steps are counted on the device too: the
+outer apply adds every step to an optimizer variable, and each row keeps that count. On torch it is an autograd
+hook.
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ class KerasJaxAdapter(KerasAdapter):
 
     def _install_activations(self) -> None:
         """Wrap ``model.train_step(state, data)`` (it reads the step from the optimizer's ``iterations`` in
-        ``state``) and the ``call`` of the watched layers: on sampled steps their figures leave the jitted step
-        through ``jax.debug.callback``.
+        ``state``) and the ``call`` of the watched layers: on sampled steps their figures leave the jitted step as
+        its outputs (:meth:`_compile_step`; through ``jax.debug.callback`` when run eagerly).
 
-        A host callback anywhere in the jitted, differentiated step costs every step (+27% on a 20-layer MLP on
+        A host callback anywhere in the jitted, differentiated step cost every step (+27% on a 20-layer MLP on
         the project's CPU, taken or not, measured), so sampled steps run a train function of their own: the step
         traced with the hooks live, compiled once, picked by :meth:`_dispatch` on steps 1 and every
         ``activation_every``. Every other step runs the step traced without them.
@@ -186,8 +189,8 @@ class KerasJaxAdapter(KerasAdapter):
                     self._on_time(values[0], int(li), side, values[1])
 
     def _send_activations(self, sample, step) -> None:
-        """In the sampled step, once the watched layers have run: every kept output's figures, to the host in one
-        ``jax.debug.callback``."""
+        """In the sampled step, once the watched layers have run: every kept output's figures, as outputs of the
+        jitted sampled step (:func:`_lift`), or to the host in one ``jax.debug.callback`` when run eagerly."""
         import jax
 
         local = self._local

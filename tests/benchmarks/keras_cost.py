@@ -17,6 +17,9 @@ dispatch is waited for, in every variant alike); the last batch of an epoch also
   the least an every-step monitor can cost, as the PyTorch table's floor;
 - ``TensorBoard(histogram_freq=1)`` (TensorFlow only: its histograms are a TensorFlow feature).
 
+The models: a 20-layer ReLU MLP, a CNN with batch norm, a SimpleRNN and an LSTM over 60 time steps, and an 8-layer
+MLP in mixed precision (float16 layers, Adam in a ``LossScaleOptimizer``: gradwatch tells the skipped steps apart).
+
 The figure per variant is the mean step time over each epoch after the first (50 steps: two whole periods of
 gradwatch's schedules), as a ratio to plain in the same epoch: median (min..max) over epochs. The fit start is what
 the first epoch costs beyond its steps at the variant's steady rate (from ``on_train_begin``: gradwatch's install,
@@ -89,8 +92,25 @@ def models(steps: int) -> dict[str, Callable]:
         return m, rng.standard_normal((64 * steps, 60, 8)).astype("float32"), \
             rng.integers(0, 2, (64 * steps,)), "sparse_categorical_crossentropy", 64
 
+    def mixed():  # float16 layers: _optimizer() puts a LossScaleOptimizer around Adam, as compile() would
+        layers = [keras.Input((64,))] + [keras.layers.Dense(256, activation="relu", kernel_initializer="he_normal",
+                                                            dtype="mixed_float16") for _ in range(8)] + [
+            keras.layers.Dense(1, dtype="float32")]
+        return keras.Sequential(layers), rng.standard_normal((128 * steps, 64)).astype("float32"), \
+            rng.standard_normal((128 * steps, 1)).astype("float32"), "mse", 128
+
     return {"Keras MLP, 20 layers": mlp20, "Keras CNN + BN": cnn, "Keras SimpleRNN, 60 steps": rnn,
-            "Keras LSTM, 60 steps": lstm}
+            "Keras LSTM, 60 steps": lstm, "Keras MLP, 8 layers, mixed_float16": mixed}
+
+
+def _optimizer(model):
+    """Adam, inside a LossScaleOptimizer where the model has float16 layers (a mixed-precision run)."""
+    import keras
+
+    opt = keras.optimizers.Adam(1e-4)
+    if any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers):
+        return keras.optimizers.LossScaleOptimizer(opt)
+    return opt
 
 
 class _Turns:
@@ -196,13 +216,12 @@ def _starter(name: str, turns: _Turns, timer):
 def _warmed(only: str):
     """``(label, model, its initial weights, (x, y, loss, batch size))`` per model whose label holds ``only``, once the
     model has fit two batches: the first trace in a process pays the backend's own warm-up, not any variant's."""
-    import keras
 
     for label, make in models(STEPS).items():
         if only.lower() in label.lower():
             model, x, y, loss, bs = make()
             weights = model.get_weights()
-            model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+            model.compile(optimizer=_optimizer(model), loss=loss)
             model.fit(x[:bs * 2], y[:bs * 2], batch_size=bs, verbose=0)
             yield label, model, weights, (x, y, loss, bs)
 
@@ -434,7 +453,7 @@ def _copy(model, weights, loss: str):
     keras.utils.set_random_seed(0)
     m = keras.models.clone_model(model)
     m.set_weights(weights)
-    m.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss)
+    m.compile(optimizer=_optimizer(m), loss=loss)
     return m
 
 
