@@ -15,15 +15,14 @@ gradients with no extra pass. What differs is where the figures go:
 - **torch**: eager, so the wrapper runs the PyTorch adapter's fused kernels (``torch._foreach_norm``) and keeps
   the rows on the device until a drain copies them in one transfer.
 
-Activations are sampled on both, on the steps the TensorFlow adapter samples: the ``call`` of the watched layers
-is wrapped, and recurrent layers' inputs (and sequence outputs) get an identity whose gradient records the
-gradient's norm at each time step. On JAX ``fit()`` runs one of two jitted steps, picked in Python
-from the count of steps; the sampled one returns the figures as outputs (lifted out of ``jax.value_and_grad`` by
-a ``custom_vjp`` forward rule), read at the next drain. Only a step run eagerly (``run_eagerly``) sends them through
-``jax.debug.callback``. The identity is a ``jax.custom_vjp`` tied to one of the layer's weights (so the backward pass
-reaches it even when its input is the data). A loss scaler's skipped steps are counted on the device too: the
-outer apply adds every step to an optimizer variable, and each row keeps that count. On torch it is an autograd
-hook.
+Activations are sampled on both, on the steps the TensorFlow adapter samples: the ``call`` of the watched layers is
+wrapped, and recurrent layers' inputs (and sequence outputs) get an identity whose gradient records the gradient's
+norm at each time step. On JAX ``fit()`` runs one of two jitted steps, picked in Python from the count of steps; the
+sampled one returns the figures as outputs, read at the next drain. Only a step run eagerly (``run_eagerly``) sends
+them through ``jax.debug.callback``. The identity is a ``jax.custom_vjp`` tied to one of the layer's weights (so the
+backward pass reaches it even when its input is the data). A loss scaler's skipped steps are counted on the device
+too: the outer apply adds every step to an optimizer variable, and each row keeps that count. On torch it is an
+autograd hook.
 """
 
 from __future__ import annotations
@@ -190,7 +189,7 @@ class KerasJaxAdapter(KerasAdapter):
 
     def _send_activations(self, sample, step) -> None:
         """In the sampled step, once the watched layers have run: every kept output's figures, as outputs of the
-        jitted sampled step (:func:`_lift`), or to the host in one ``jax.debug.callback`` when run eagerly."""
+        jitted sampled step, or to the host in one ``jax.debug.callback`` when run eagerly."""
         import jax
 
         local = self._local
@@ -200,11 +199,12 @@ class KerasJaxAdapter(KerasAdapter):
         on_acts = self.guard(lambda st, stats, fired: self._on_acts(st, layers, stats, fired),
                              "Keras (JAX) activations")
 
-        if getattr(local, "lift", None) is not None:  # the jitted sampled step: the figures leave it as outputs
-            _lift(local.lift, "acts:" + ",".join(map(str, layers)), step, [y for _, y in items],
-                  lambda step, ys: (step, *zip(*[_jax_activation_stats(y, t) for (t, _), y in zip(items, ys)])))
-            return
         figures = [_jax_activation_stats(y, target) for target, y in items]
+        if getattr(local, "lift", None) is not None:  # the jitted sampled step: the figures leave it as outputs
+            # The kept outputs went through stop_gradient, which leaves values of the jitted step's own level
+            # inside value_and_grad (checked there: _own_figures).
+            local.lift["acts:" + ",".join(map(str, layers))] = (step, *zip(*figures))
+            return
         jax.debug.callback(on_acts, step, tuple(f[0] for f in figures), tuple(f[1] for f in figures))
 
     def _wrap_call(self, target: _ActTarget):
@@ -758,29 +758,6 @@ def _time_difference(into: np.ndarray, out: np.ndarray | None) -> float:
     a = time_decades(into)
     b = time_decades(out) if out is not None else math.nan
     return a - b if math.isfinite(a) and math.isfinite(b) else a
-
-
-def _lift(into: dict, key: str, step: Any, ys: list, figures: Any) -> None:
-    """``into[key] = figures(step, ys)``, computed where the outer jitted step can return it. The forward pass runs
-    inside ``jax.value_and_grad``, whose values cannot leave it; the forward rule of a ``custom_vjp`` identity gets
-    the primal values, at the level of the jitted step."""
-    import jax
-
-    @jax.custom_vjp
-    def ident(step, ys):
-        return ys
-
-    def fwd(step, ys):
-        into[key] = figures(step, ys)
-        return ys, None
-
-    def bwd(_, g):
-        return None, g
-
-    ident.defvjp(fwd, bwd)
-    ident(step, ys)
-    if key not in into:  # nothing to differentiate through (no forward rule ran): the values are the step's own
-        into[key] = figures(step, ys)
 
 
 def _jax_activation_stats(y: Any, target: _ActTarget):
