@@ -170,7 +170,9 @@ class KerasJaxAdapter(KerasAdapter):
                if top is not None and all(getattr(a, "_trace", None) is top for a in jax.tree_util.tree_leaves(v))}
         if len(own) < len(figures) and not getattr(self, "_lift_noted", False):
             self._lift_noted = True
-            self._notes.append("Some activations are not sampled: their layers run inside a traced loop or branch.")
+            self._notes.append("Some activations are not sampled: their layers run inside a traced loop or branch."
+                               if top is not None else "Activations are not sampled: this JAX version's tracers "
+                               "do not say which trace they belong to.")
         return own
 
     def _take_lifted(self) -> None:
