@@ -508,7 +508,7 @@ def test_jax_sampled_steps_return_their_figures_without_host_callbacks(monkeypat
     assert report.monitoring == "detached" and all(np.isfinite(report.layer(la.name).saturation)
                                              for la in model.layers if la.activation.__name__ == "sigmoid")
 
-    # A loss scaler's skipped steps are told apart on the device too (an ordered callback cost every step ~5 ms),
+    # A loss scaler's skipped steps are told apart on the device too (an ordered callback cost every step ~8 ms),
     # in a first fit() and in a second one, whose optimizer counters carry the first's steps.
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -334,7 +334,7 @@ class KerasJaxAdapter(KerasAdapter):
         self._ring_vars = [rows, steps, count]
         # With a loss scaler the inner apply runs on finite steps only, numbered by the inner counter: the outer
         # apply counts every step, and each row keeps that count, so it gets its true step and the steps between
-        # rows are known skipped. On the device: a host callback there held every step back by about 5 ms.
+        # rows are known skipped. On the device: a host callback there cost a mixed_float16 MLP ~8 ms a 12 ms step.
         seen = outer_at = None
         if outer is not None:
             seen = inner.add_variable((), initializer="zeros", dtype="int32", name="gradwatch_seen")
