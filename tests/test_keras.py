@@ -530,6 +530,25 @@ def test_jax_sampled_steps_return_their_figures_without_host_callbacks(monkeypat
     assert [r.skipped_steps for r in reports] == [16 - n for n in applied]
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX: eager steps send their figures through a host callback")
+def test_jax_eager_and_jitted_fits_sample_the_same_activations():
+    """``run_eagerly`` steps are not jitted: there the figures still go through ``jax.debug.callback``. Both ways
+    give the same saturation and RMS, layer by layer."""
+    def sampled(eager: bool):
+        keras.utils.set_random_seed(0)
+        model = mlp("sigmoid", depth=3)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", run_eagerly=eager)
+        x, y = data()
+        cb = gradwatch.KerasCallback(reporters=[], activation_every=2)
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[cb])
+        report = cb.report()
+        return [(la.saturation, la.activation_rms) for la in report.layers[:3]]
+
+    eager, jitted = sampled(True), sampled(False)
+    assert all(np.isfinite(v) for pair in jitted for v in pair)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-5)
+
+
 def test_simple_rnn_with_recurrent_radius_3_explodes_through_time_and_gets_clipping():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

@@ -198,15 +198,14 @@ class KerasJaxAdapter(KerasAdapter):
         local.written = True
         items = list(local.outputs.values())
         layers = [target.index for target, _ in items]
-        on_acts = self.guard(lambda st, stats, fired: self._on_acts(st, layers, stats, fired),
-                             "Keras (JAX) activations")
-
         figures = [_jax_activation_stats(y, target) for target, y in items]
         if getattr(local, "lift", None) is not None:  # the jitted sampled step: the figures leave it as outputs
             # The kept outputs went through stop_gradient, which leaves values of the jitted step's own level
             # inside value_and_grad (checked there: _own_figures).
             local.lift["acts:" + ",".join(map(str, layers))] = (step, *zip(*figures))
             return
+        on_acts = self.guard(lambda st, stats, fired: self._on_acts(st, layers, stats, fired),
+                             "Keras (JAX) activations")
         jax.debug.callback(on_acts, step, tuple(f[0] for f in figures), tuple(f[1] for f in figures))
 
     def _wrap_call(self, target: _ActTarget):
