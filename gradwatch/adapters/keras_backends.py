@@ -339,7 +339,6 @@ class KerasJaxAdapter(KerasAdapter):
             seen = inner.add_variable((), initializer="zeros", dtype="int32", name="gradwatch_seen")
             outer_at = inner.add_variable((_RING + 1,), initializer="zeros", dtype="int32", name="gradwatch_seen_at")
             self._ring_vars += [seen, outer_at]
-        self._base = self._step
         self._read_applied = 0
         self._guard_checkpoints(outer if outer is not None else inner, inner)
 
@@ -469,7 +468,7 @@ class KerasJaxAdapter(KerasAdapter):
         true = step_ids
         if scaled:  # a loss scaler: inner step ids -> true steps; the steps in between were skipped
             seen, seen_at = scaled
-            true, total = seen_at + self._base, int(seen) + self._base
+            true, total = seen_at + self._step_at_install, int(seen) + self._step_at_install
         rows = {int(true[j]): values[j] for j in fresh}
         if not rows:
             return np.zeros((0, self._table.n_params, _P)), np.zeros(0, np.int64), max(total, self._step)
