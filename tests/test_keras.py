@@ -811,6 +811,62 @@ def test_fit_traces_each_train_function_once_and_the_optimizer_is_as_without_gra
 
 
 @tf_only
+@pytest.mark.parametrize("fails", [None, "in the user's layer", "in gradwatch"])
+def test_the_other_train_function_is_traced_in_a_thread_during_the_first_step(monkeypatch, fails):
+    """fit()'s first step runs the train function of sampled steps; the other one is traced in a thread while it
+    runs, so the second step finds it traced (fit()'s start: the trace overlaps the runtime's work on the first
+    step). Each function is traced once, and the weights and the report are those of the same fit whose second
+    step traces its own function. A trace that fails in the thread, in a layer or inside gradwatch, is made again
+    by the second step's call on fit()'s thread: no warning, monitoring stays on."""
+    from gradwatch.adapters import keras as gk
+
+    threads: list[str] = []
+    ahead = "gradwatch-trace-ahead"
+
+    class Marker(keras.layers.Layer):
+        def call(self, x):
+            threads.append(threading.current_thread().name)
+            if fails == "in the user's layer" and threads[-1] == ahead:
+                raise RuntimeError("a trace that fails in the thread")
+            return x
+
+    real = gk.KerasAdapter._measure_grads
+
+    def measure(self, *args):
+        if fails == "in gradwatch" and threading.current_thread().name == ahead:
+            raise RuntimeError("internal bug in the thread")
+        return real(self, *args)
+
+    monkeypatch.setattr(gk.KerasAdapter, "_measure_grads", measure)
+
+    def run():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((20,)), Marker(name="marker"),
+                                  keras.layers.Dense(32, activation="tanh", name="t"),
+                                  keras.layers.Dense(32, activation="sigmoid", name="s"),
+                                  keras.layers.Dense(1, name="head")], name="net")
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        cb = gradwatch.KerasCallback(reporters=[], activation_every=4)
+        threads.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(*data(), batch_size=64, epochs=2, verbose=0, callbacks=[cb])
+        assert not [w for w in caught if "gradwatch" in str(w.message)]
+        return list(threads), model, cb.report()
+
+    traced, model, report = run()
+    main = threading.current_thread().name
+    assert traced == ([main, ahead, main] if fails else [main, ahead])
+    monkeypatch.setattr(gk._TraceAhead, "before", lambda self, fn, iterator: None)
+    own, alone, expected = run()
+    assert own == [main, main]
+    assert report.collected_steps == 16 and np.isfinite(report.layer("s").saturation)
+    assert report.to_dict() == expected.to_dict() and report.monitoring == "detached"
+    for a, b in zip(model.weights, alone.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+@tf_only
 @pytest.mark.parametrize("width, most", [(64, 17), (96, 21)])
 def test_gradwatch_adds_few_graph_ops_a_weight_to_the_traced_step(width, most):
     """fit()'s start on TensorFlow is mostly tracing, at about 0.4 ms an op on the project's CPU: gradwatch's share

@@ -11,6 +11,7 @@ so an option cannot be dropped by one front end and kept by another.
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
     from gradwatch.options import WatchOptions
 
 __all__ = ["Adapter", "Sink", "keras2_message"]
+
+#: ``.on`` in a thread of gradwatch's own that traces ahead of a step (``keras._TraceAhead``): a guarded hook that
+#: fails there raises, abandoning that trace, instead of turning monitoring off from the thread; the step's own
+#: trace, on the training thread, meets the error again and reports it.
+AHEAD = threading.local()
 
 
 class Sink(Protocol):
@@ -130,6 +136,8 @@ class Adapter(ABC):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - fail-open is the point
+                if getattr(AHEAD, "on", False):
+                    raise
                 sink.on_error(exc, where)
             return None
 

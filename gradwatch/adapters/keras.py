@@ -12,7 +12,8 @@ the steps actually applied.
 Activations are sampled in ``fit()``'s own steps: an instance-level wrapper of ``model.train_step`` marks the
 trace, and instance-level wrappers of the ``call`` of the layers that end in an activation add the saturation,
 dead-unit, RMS and non-finite figures of their output. Sampled steps run a train function of their own, traced
-with them (:meth:`KerasAdapter._dispatch`); the others run one traced without them. With ``steps_per_execution >
+with them (:meth:`KerasAdapter._dispatch`); the others run one traced without them, traced in a thread while the
+first step runs (:class:`_TraceAhead`). With ``steps_per_execution >
 1`` or ``run_eagerly`` one function picks sampled steps in a ``tf.cond``. For recurrent
 layers an identity with a custom gradient on the layer's input reads the gradient of each time step's input in
 the real backward pass (how fast it fades toward the start of the sequence). :meth:`KerasAdapter.uninstall`
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.adapters.base import Adapter, Sink, keras2_message
+from gradwatch.adapters.base import AHEAD, Adapter, Sink, keras2_message
 from gradwatch.core.stats import (
     DEAD_UNIT_SAMPLES,
     SATURATION_MARGIN,
@@ -154,6 +155,7 @@ class KerasAdapter(Adapter):
         self._act_count = None
         self._read_acts = 0
         self._local = threading.local()  # .trace: (sample?, ring slot) while train_step is being traced
+        self._ahead: _TraceAhead | None = None  # TensorFlow: the trace of the other train function, in a thread
         self._pending = False  # waiting for fit() to build the model
         self._batches = 0
         self._step_at_install = 0
@@ -490,6 +492,7 @@ class KerasAdapter(Adapter):
             return step
 
         plain, sampled = self._compile_step(flagged(False)), self._compile_step(flagged(True))
+        self._dispatch_pair = (plain, sampled)
         self._dispatched = self._step
 
         def pick():
@@ -503,7 +506,22 @@ class KerasAdapter(Adapter):
         return self.model._make_function(step)
 
     def _train_function(self, pick: Any) -> Any:
-        return lambda iterator: pick()(iterator)
+        import tensorflow as tf
+
+        if self.activation_every < 2 or tf.distribute.has_strategy() or \
+                self.model.distribute_strategy is not tf.distribute.get_strategy():
+            return lambda iterator: pick()(iterator)
+        if self._ahead is not None:
+            self._ahead.wait()
+        self._ahead = ahead = _TraceAhead(self, self._dispatch_pair)
+        before = self.guard(ahead.before, "Keras trace ahead")
+
+        def train_function(iterator):
+            fn = pick()
+            before(fn, iterator)
+            return fn(iterator)
+
+        return train_function
 
     def _wrap_step_and_layers(self, train_step: Any, make_call: Any) -> None:
         """Put ``train_step`` on the model instance and ``make_call(target)`` as the ``call`` of each watched
@@ -592,6 +610,9 @@ class KerasAdapter(Adapter):
     def uninstall(self, keep: tuple[str, ...] = ()) -> None:
         """Remove every instance-level wrapper gradwatch put on the model, its layers and optimizers (all but the
         attributes named in ``keep``) and reset the cached train function."""
+        if self._ahead is not None:  # no trace of the wrappers left running once they are gone
+            self._ahead.wait()
+            self._ahead = None
         removed = False
         for obj in self._wrapped:
             for attr in [a for a, f in obj.__dict__.items() if getattr(f, "__gradwatch__", False) and a not in keep]:
@@ -802,6 +823,90 @@ class KerasAdapter(Adapter):
         return ActivationRows(steps=steps, saturation=values[..., 0], dead=values[..., 1], rms=values[..., 2],
                               nonfinite=values[..., 3], time_decades=time)
 
+
+
+class _TraceAhead:
+    """TensorFlow: the train function of the steps not sampled, traced in a thread while ``fit()``'s first step runs.
+
+    The first step runs the train function of sampled steps: TensorFlow traces it (Python, holding the GIL), then
+    its runtime instantiates, optimises and runs it (C++, without the GIL). The second step traces the other train
+    function. Here the first step's function is traced first, on ``fit()``'s thread (``get_concrete_function``: the
+    trace the call would make, which the call then finds), and the other's trace starts in a thread while the first
+    step runs; the second step waits for it. The thread holds a copy of Keras' thread-local state (the dtype
+    policy, the name-scope stack) and the ``tf.device`` scope of ``fit()``'s thread. Only for ``fit()``'s own
+    ``tf.data`` iterator without a distribution strategy. Anything else, or an error in the thread (a guarded hook
+    raises there, :data:`~gradwatch.adapters.base.AHEAD`), leaves the trace to the step's own call, as without this:
+    an error is reported, or raised, from ``fit()``'s thread.
+    """
+
+    def __init__(self, adapter: KerasAdapter, pair: tuple[Any, Any]) -> None:
+        self.adapter, self.pair = adapter, pair
+        self.other: Any = None  # the train function the thread traces
+        self.thread: threading.Thread | None = None
+        self.traced = False  # the thread traced it
+
+    def before(self, fn: Any, iterator: Any) -> None:
+        """Before a step's train function ``fn`` runs on ``iterator``: on the first step, trace ``fn`` and start the
+        thread on the other; later, wait for the thread before the other's first call."""
+        if self.other is not None:
+            if fn is self.other:
+                self.wait()
+            return
+        self.other = self.pair[fn is self.pair[0]]
+        import tensorflow as tf
+
+        if not isinstance(iterator, tf.data.Iterator) or tf.distribute.has_strategy():
+            return
+        first, other = _traced(fn), _traced(self.other)
+        if first is None or other is None:
+            return
+        try:
+            first.get_concrete_function(iterator)
+        except Exception:  # noqa: BLE001 - fn's own call traces it again and raises where it would without this
+            return
+        if not self.adapter.active:  # that trace turned monitoring off
+            return
+        from keras.src.backend.common import global_state
+        from tensorflow.python.eager import context
+
+        trackers = (global_state.GLOBAL_STATE_TRACKER, global_state.GLOBAL_SETTINGS_TRACKER)
+        state = [{k: list(v) if isinstance(v, list) else v for k, v in vars(t).items()} for t in trackers]
+        device = context.context().device_name  # fit() under a tf.device scope: the thread traces under it too
+
+        def trace() -> None:
+            for tracker, kept in zip(trackers, state):
+                for k, v in kept.items():
+                    setattr(tracker, k, v)
+            AHEAD.on = True
+            with tf.device(device or None):
+                self._trace(other, iterator)
+
+        self.thread = threading.Thread(target=trace, name="gradwatch-trace-ahead", daemon=True)
+        self.thread.start()
+
+    def _trace(self, fn: Any, iterator: Any) -> None:
+        try:
+            fn.get_concrete_function(iterator)
+        except Exception:  # noqa: BLE001 - the other's own call traces it again, and reports or raises there
+            return
+        self.traced = True
+
+    def wait(self) -> None:
+        """Wait for the thread (from any other thread)."""
+        thread, self.thread = self.thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+def _traced(train_function: Any) -> Any:
+    """The ``tf.function`` that a TensorFlow train function made by Keras' ``_make_function`` calls on an iterator
+    (``multi_step_on_iterator``, in its closure), or ``None``."""
+    for cell in getattr(train_function, "__closure__", None) or ():
+        fn = cell.cell_contents
+        if getattr(getattr(fn, "python_function", None), "__name__", "") == "multi_step_on_iterator" and \
+                hasattr(fn, "get_concrete_function"):
+            return fn
+    return None
 
 
 @dataclass(eq=False)
