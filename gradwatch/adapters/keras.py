@@ -826,13 +826,14 @@ class KerasAdapter(Adapter):
 
 
 class _TraceAhead:
-    """TensorFlow: the train function of the steps not sampled, traced in a thread while ``fit()``'s first step runs.
+    """TensorFlow: the second of ``fit()``'s two train functions, traced in a thread while its first step runs.
 
-    The first step runs the train function of sampled steps: TensorFlow traces it (Python, holding the GIL), then
-    its runtime instantiates, optimises and runs it (C++, without the GIL). The second step traces the other train
-    function. Here the first step's function is traced first, on ``fit()``'s thread (``get_concrete_function``: the
-    trace the call would make, which the call then finds), and the other's trace starts in a thread while the first
-    step runs; the second step waits for it. The thread holds a copy of Keras' thread-local state (the dtype
+    The first step runs the train function of sampled steps (of steps not sampled in a later ``fit()`` that does not
+    begin on a sampled step): TensorFlow traces it (Python, holding the GIL), then its runtime instantiates,
+    optimises and runs it (C++, without the GIL). The other function was traced only at its own first step. Here
+    the first step's function is traced first, on ``fit()``'s thread (``get_concrete_function``: the trace the call
+    would make, which the call then finds), and the other's trace starts in a thread while the first step runs; the
+    other's first step waits for it. The thread holds a copy of Keras' thread-local state (the dtype
     policy, the name-scope stack) and the ``tf.device`` scope of ``fit()``'s thread. Only for ``fit()``'s own
     ``tf.data`` iterator without a distribution strategy. Anything else, or an error in the thread (a guarded hook
     raises there, :data:`~gradwatch.adapters.base.AHEAD`), leaves the trace to the step's own call, as without this:
@@ -841,7 +842,7 @@ class _TraceAhead:
 
     def __init__(self, adapter: KerasAdapter, pair: tuple[Any, Any]) -> None:
         self.adapter, self.pair = adapter, pair
-        self.other: Any = None  # the train function the thread traces
+        self.other: Any = None  # the train function the thread traces, once the first step has begun
         self.thread: threading.Thread | None = None
         self.traced = False  # the thread traced it
 
@@ -892,7 +893,7 @@ class _TraceAhead:
         self.traced = True
 
     def wait(self) -> None:
-        """Wait for the thread (from any other thread)."""
+        """Wait for the thread to end (nothing to wait for on the thread itself)."""
         thread, self.thread = self.thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()
