@@ -828,8 +828,8 @@ class KerasAdapter(Adapter):
 class _TraceAhead:
     """TensorFlow: the second of ``fit()``'s two train functions, traced in a thread while its first step runs.
 
-    The first step runs the train function of sampled steps (of steps not sampled in a later ``fit()`` that does not
-    begin on a sampled step): TensorFlow traces it (Python, holding the GIL), then its runtime instantiates,
+    The first step runs the train function of sampled steps (the other one where gradwatch starts on a step not
+    sampled): TensorFlow traces it (Python, holding the GIL), then its runtime instantiates,
     optimises and runs it (C++, without the GIL). The other function was traced only at its own first step. Here
     the first step's function is traced first, on ``fit()``'s thread (``get_concrete_function``: the trace the call
     would make, which the call then finds), and the other's trace starts in a thread while the first step runs; the
