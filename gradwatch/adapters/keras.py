@@ -23,6 +23,7 @@ as without gradwatch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -844,7 +845,6 @@ class _TraceAhead:
         self.adapter, self.pair = adapter, pair
         self.other: Any = None  # the train function the thread traces, once the first step has begun
         self.thread: threading.Thread | None = None
-        self.traced = False  # the thread traced it
 
     def before(self, fn: Any, iterator: Any) -> None:
         """Before a step's train function ``fn`` runs on ``iterator``: on the first step, trace ``fn`` and start the
@@ -879,18 +879,12 @@ class _TraceAhead:
                 for k, v in kept.items():
                     setattr(tracker, k, v)
             AHEAD.on = True
-            with tf.device(device or None):
-                self._trace(other, iterator)
+            # A trace that fails is given up: the other's own call traces it again, and reports or raises there.
+            with tf.device(device or None), contextlib.suppress(Exception):
+                other.get_concrete_function(iterator)
 
         self.thread = threading.Thread(target=trace, name="gradwatch-trace-ahead", daemon=True)
         self.thread.start()
-
-    def _trace(self, fn: Any, iterator: Any) -> None:
-        try:
-            fn.get_concrete_function(iterator)
-        except Exception:  # noqa: BLE001 - the other's own call traces it again, and reports or raises there
-            return
-        self.traced = True
 
     def wait(self) -> None:
         """Wait for the thread to end (nothing to wait for on the thread itself)."""
