@@ -493,7 +493,6 @@ class KerasAdapter(Adapter):
             return step
 
         plain, sampled = self._compile_step(flagged(False)), self._compile_step(flagged(True))
-        self._dispatch_pair = (plain, sampled)
         self._dispatched = self._step
 
         def pick():
@@ -501,12 +500,13 @@ class KerasAdapter(Adapter):
             n = adapter._dispatched
             return sampled if adapter.active and (n == 1 or n % every == 0) else plain
 
-        model.train_function = self._train_function(pick)
+        model.train_function = self._train_function(pick, (plain, sampled))
 
     def _compile_step(self, step: Any) -> Any:
         return self.model._make_function(step)
 
-    def _train_function(self, pick: Any) -> Any:
+    def _train_function(self, pick: Any, pair: tuple[Any, Any]) -> Any:
+        """What ``fit()`` calls on each step: the compiled step ``pick()`` chooses, of the two in ``pair``."""
         import tensorflow as tf
 
         if self.activation_every < 2 or tf.distribute.has_strategy() or \
@@ -514,7 +514,7 @@ class KerasAdapter(Adapter):
             return lambda iterator: pick()(iterator)
         if self._ahead is not None:
             self._ahead.wait()
-        self._ahead = ahead = _TraceAhead(self, self._dispatch_pair)
+        self._ahead = ahead = _TraceAhead(self, pair)
         before = self.guard(ahead.before, "Keras trace ahead")
 
         def train_function(iterator):
@@ -856,7 +856,7 @@ class _TraceAhead:
         self.other = self.pair[fn is self.pair[0]]
         import tensorflow as tf
 
-        if not isinstance(iterator, tf.data.Iterator) or tf.distribute.has_strategy():
+        if not isinstance(iterator, tf.data.Iterator):
             return
         first, other = _traced(fn), _traced(self.other)
         if first is None or other is None:
@@ -887,9 +887,9 @@ class _TraceAhead:
         self.thread.start()
 
     def wait(self) -> None:
-        """Wait for the thread to end (nothing to wait for on the thread itself)."""
+        """Wait for the thread to end (it reports nothing itself: a hook failing there raises, :data:`AHEAD`)."""
         thread, self.thread = self.thread, None
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None:
             thread.join()
 
 

@@ -147,7 +147,7 @@ class KerasJaxAdapter(KerasAdapter):
             shardings = (None, self.model._get_state_sharding_spec(), None)
         return jax.jit(lifted, donate_argnums=0, out_shardings=shardings)
 
-    def _train_function(self, pick: Any) -> Any:
+    def _train_function(self, pick: Any, pair: tuple[Any, Any]) -> Any:
         adapter = self
 
         def step(state, data):
